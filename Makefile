@@ -1,0 +1,26 @@
+# One entry point per job; everything runs inside .venv at the repo root.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup test test-fast bench ui clean-runs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q --timeout=1500
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=600
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port 5000

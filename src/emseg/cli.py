@@ -1,0 +1,45 @@
+"""`emseg <command>`: a thin front to the stages. User errors print one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emseg.errors import EmsegError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emseg", description="Few-label EM segmentation (DVC + MLflow + Optuna).")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("fetch", help="materialise the raw stacks of data.source into data/raw")
+    sub.add_parser("prepare", help="validate raw stacks, choose slices, write data/prepared")
+    return p
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "fetch":
+        from emseg.stages import fetch
+
+        fetch.run(args.params)
+    elif args.command == "prepare":
+        from emseg.stages import prepare
+
+        prepare.run(args.params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _dispatch(args)
+    except EmsegError as exc:
+        print(f"emseg {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"emseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Typed, validated view of params.yaml.
+
+params.yaml is the single source of truth: DVC reads it to decide what to rerun, and every stage
+reads it through :func:`load_params`. Unknown keys and wrong types are refused with one line that
+names the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from emseg.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+SliceSpec = Union[PositiveInt, list[Annotated[int, Field(ge=0)]]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class GeneratedSource(_Strict):
+    """The built-in EM-like generator: the default that runs with no download."""
+
+    slices: PositiveInt = 16
+    test_slices: PositiveInt = 4
+    height: Annotated[int, Field(ge=64)] = 768
+    width: Annotated[int, Field(ge=64)] = 1024
+    seed: int = 0
+
+
+class TiffSource(_Strict):
+    """A user's own stacks: multi-page TIFF files or folders of 2D TIFF/PNG slices."""
+
+    image: str
+    labels: str
+    test_image: Optional[str] = None
+    test_labels: Optional[str] = None
+
+
+class EpflSource(_Strict):
+    """The EPFL hippocampus files, fetched from the first mirror that has them."""
+
+    mirrors: list[str]
+    cache_dir: str = "~/.cache/emseg/epfl"
+    sha256: dict[str, Optional[str]] = {}
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class DataParams(_Strict):
+    source: Literal["generated", "tiff", "epfl"] = "generated"
+    train_slices: SliceSpec = 12
+    val_slices: SliceSpec = 3
+    # Only for sources without a separate test stack: slices held out of the training stack.
+    test_slices: Optional[SliceSpec] = None
+    # Label value that means "not annotated" (partially labelled slices); None: every pixel labelled.
+    ignore_value: Optional[Annotated[int, Field(ge=0, le=65535)]] = None
+    generated: GeneratedSource = GeneratedSource()
+    tiff: Optional[TiffSource] = None
+    epfl: Optional[EpflSource] = None
+
+
+class Params(_Strict):
+    seed: int = 42
+    data: DataParams = DataParams()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key")
+        elif e["type"] == "missing":
+            parts.append(f"{key}: required key is missing")
+        else:
+            got = e.get("input")
+            got_s = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+            parts.append(f"{key}: {e['msg']} (got {got_s})")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; raise ConfigError with one line naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return raw if raw is not None else {}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_yaml(path), str(path))

@@ -1,0 +1,194 @@
+"""Stack I/O: read (z, y, x) grey stacks one slice at a time.
+
+A stack is a multi-page TIFF file or a folder of 2D TIFF/PNG slices (sorted by name). Only the
+header is read to learn the shape, and slices are decoded one at a time, so a gigavoxel stack never
+needs more than one slice in memory. Every failure becomes a :class:`DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import tifffile
+
+from emseg.errors import DataError
+
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+IMAGE_DTYPES = (np.uint8, np.uint16)
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    path: Path
+    shape: tuple[int, int, int]  # (z, y, x)
+    dtype: np.dtype
+    files: tuple[Path, ...] = ()  # the slice files, for a folder of slices
+    by_page: bool = False  # a TIFF written as one series per page: slice z is page z
+
+
+def _read_2d_file(path: Path) -> np.ndarray:
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return np.asarray(im)
+        return tifffile.imread(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as exc:  # corrupt files raise many different types
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def _check_dims(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise DataError(
+            f"{path}: expected a 2D slice or a 3D (z, y, x) grey stack, got {len(shape)}D shape {tuple(shape)}"
+        )
+    if min(shape) == 0:
+        raise DataError(f"{path}: the stack is empty (shape {tuple(shape)})")
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().splitlines()[0])
+
+
+@contextmanager
+def _tifffile_warnings():
+    """tifffile logs (rather than raises) on truncated or corrupt files; collect those messages."""
+    log = logging.getLogger("tifffile")
+    handler, propagate = _Collect(), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield handler.messages
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def inspect_stack(path: str | Path) -> StackInfo:
+    """Read only headers; validate dimensionality; raise DataError naming the file on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file or folder not found")
+    if path.is_dir():
+        files = tuple(sorted(p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES))
+        if not files:
+            raise DataError(f"{path}: folder holds no .tif/.tiff/.png slices")
+        first = _read_2d_file(files[0])
+        if first.ndim != 2:
+            raise DataError(f"{files[0]}: expected a 2D grey slice, got shape {first.shape}")
+        return StackInfo(path, _check_dims(path, (len(files), *first.shape)), first.dtype, files)
+    try:
+        with _tifffile_warnings() as warnings, tifffile.TiffFile(path) as tf:
+            if not tf.series:
+                raise DataError(f"{path}: TIFF file holds no images")
+            series = tf.series[0]
+            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+            n_pages = len(tf.pages)
+            by_page = len(tf.series) > 1 and len(shape) == 2
+            if by_page:
+                if any(s.shape != series.shape or s.dtype != series.dtype for s in tf.series):
+                    raise DataError(f"{path}: TIFF pages differ in shape or type; expected one grey stack")
+                shape = (n_pages, *shape)
+        if warnings:
+            raise DataError(f"{path}: corrupt or truncated TIFF ({warnings[0]})")
+        if len(shape) == 3 and n_pages not in (1, shape[0]) and not by_page:
+            raise DataError(f"{path}: corrupt or truncated TIFF ({n_pages} pages for {shape[0]} slices)")
+    except DataError:
+        raise
+    except (tifffile.TiffFileError, ValueError, OSError, EOFError, IndexError, KeyError) as exc:
+        raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {exc})") from None
+    return StackInfo(path, _check_dims(path, shape), dtype, by_page=by_page)
+
+
+class StackReader:
+    """Open a stack once and read slices by index (context manager)."""
+
+    def __init__(self, info: StackInfo):
+        self.info = info
+        self._tf = None if info.files else tifffile.TiffFile(info.path)
+
+    def __enter__(self) -> "StackReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tf is not None:
+            self._tf.close()
+
+    def read(self, z: int) -> np.ndarray:
+        info = self.info
+        if not 0 <= z < info.shape[0]:
+            raise DataError(f"{info.path}: slice {z} is outside the stack (0..{info.shape[0] - 1})")
+        if info.files:
+            arr = _read_2d_file(info.files[z])
+            where = info.files[z]
+        else:
+            where = f"{info.path} slice {z}"
+            try:
+                if info.by_page:
+                    arr = self._tf.pages[z].asarray()
+                else:
+                    arr = self._tf.asarray(key=z) if info.shape[0] > 1 else self._tf.asarray()
+            except Exception as exc:
+                raise DataError(f"{where}: cannot decode (corrupt or truncated TIFF? {type(exc).__name__}: {exc})") from None
+        arr = np.asarray(arr)
+        if arr.shape != info.shape[1:]:
+            raise DataError(f"{where}: slice shape {arr.shape} differs from the stack's {info.shape[1:]}")
+        return arr
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for z in range(self.info.shape[0]):
+            yield self.read(z)
+
+
+def read_slices(info: StackInfo, indices: Sequence[int]) -> Iterator[np.ndarray]:
+    with StackReader(info) as reader:
+        for z in indices:
+            yield reader.read(int(z))
+
+
+def check_image_dtype(info: StackInfo) -> None:
+    if info.dtype not in IMAGE_DTYPES and not np.issubdtype(info.dtype, np.floating):
+        raise DataError(f"{info.path}: expected uint8 or uint16 (or float) grey images, got {info.dtype}")
+
+
+def check_pair(image: StackInfo, labels: StackInfo) -> None:
+    if image.shape != labels.shape:
+        raise DataError(
+            f"{labels.path}: label stack shape {labels.shape} differs from image stack {image.path} shape {image.shape}"
+        )
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, or of a folder's files (names and bytes) in sorted order; streamed."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def write_stack(path: str | Path, stack: np.ndarray) -> None:
+    """Write a (z, y, x) stack as a zlib-compressed multi-page TIFF (one page per slice)."""
+    tifffile.imwrite(path, stack, compression="zlib", photometric="minisblack")

@@ -1,0 +1,195 @@
+"""Prepare: validate raw stacks, choose slices, normalise, write arrays and a manifest.
+
+Outputs in the prepared folder (all written slice by slice through memory maps):
+
+- ``{train,val,test}_images.npy``: float32 (n, y, x), each stack z-scored by its own statistics
+  (per-dataset normalisation, so stacks of different contrast are comparable);
+- ``{train,val,test}_labels.npy``: uint8 (n, y, x), 0 background, 1 foreground, ``IGNORE`` (255)
+  for pixels the annotator left unlabelled;
+- ``manifest.json``: shapes, dtypes, slice indices, foreground fractions, normalisation, hashes.
+
+Peak memory is a few slices, whatever the stack size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from emseg import IGNORE
+from emseg.config import DataParams
+from emseg.data.io import StackInfo, StackReader, check_image_dtype, check_pair, inspect_stack
+from emseg.data.sources import load_source
+from emseg.errors import ConfigError, DataError
+from emseg.fsutil import atomic_dir, write_json
+
+SliceSpec = Union[int, Sequence[int], None]
+
+
+def select_slices(spec: SliceSpec, available: Sequence[int], key: str, n_total: int) -> list[int]:
+    """An int k picks k slices spread evenly over ``available``; a list is taken as given."""
+    available = list(available)
+    if isinstance(spec, int):
+        if spec > len(available):
+            raise ConfigError(
+                f"params.yaml: {key}: asks for {spec} slices but only {len(available)} are free in a stack of {n_total}"
+            )
+        pos = [len(available) // 2] if spec == 1 else np.round(np.linspace(0, len(available) - 1, spec))
+        return [available[int(p)] for p in pos]
+    chosen = [int(z) for z in spec]
+    bad = [z for z in chosen if not 0 <= z < n_total]
+    if bad:
+        raise ConfigError(f"params.yaml: {key}: slices {bad} are outside the stack (0..{n_total - 1})")
+    taken = sorted(set(chosen) - set(available))
+    if taken:
+        raise ConfigError(f"params.yaml: {key}: slices {taken} are already used by another split")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"params.yaml: {key}: slice list has duplicates")
+    return chosen
+
+
+def stack_stats(info: StackInfo) -> tuple[float, float]:
+    """Mean and standard deviation of a whole stack, streamed slice by slice."""
+    total, s1, s2 = 0, 0.0, 0.0
+    with StackReader(info) as reader:
+        for z, sl in enumerate(tqdm(reader, total=info.shape[0], desc=f"statistics {info.path.name}", unit="slice")):
+            sl = sl.astype(np.float64)
+            if not np.isfinite(sl).all():
+                raise DataError(f"{info.path} slice {z}: image holds NaN or infinite values")
+            total += sl.size
+            s1 += sl.sum()
+            s2 += np.square(sl).sum()
+    mean = s1 / total
+    std = float(np.sqrt(max(s2 / total - mean**2, 0.0)))
+    if std < 1e-6:
+        raise DataError(f"{info.path}: image stack is constant (every pixel {mean:g}); nothing to segment")
+    return float(mean), std
+
+
+def label_mapping(values: set[int], path: Path, ignore: Optional[int]) -> int:
+    """Return the foreground value (255 or 1) of a label stack given its distinct values."""
+    annotated = values - ({ignore} if ignore is not None else set())
+    for fg in (255, 1):
+        if annotated <= {0, fg}:
+            return fg
+    allowed = "{0, 255} or {0, 1}" + (f" plus ignore value {ignore}" if ignore is not None else "")
+    raise DataError(f"{path}: label values {sorted(annotated - {0, 1, 255}) or sorted(annotated)} unexpected; "
+                    f"expected {allowed}")
+
+
+def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg_value) -> dict:
+    n, (h, w) = len(indices), img_info.shape[1:]
+    images = open_memmap(out / f"{name}_images.npy", mode="w+", dtype=np.float32, shape=(n, h, w))
+    labels = open_memmap(out / f"{name}_labels.npy", mode="w+", dtype=np.uint8, shape=(n, h, w))
+    mean, std = stats
+    fg = labelled = 0
+    with StackReader(img_info) as ir, StackReader(lab_info) as lr:
+        for i, z in enumerate(tqdm(indices, desc=f"prepare {name}", unit="slice")):
+            img = ir.read(z).astype(np.float32)
+            if not np.isfinite(img).all():
+                raise DataError(f"{img_info.path} slice {z}: image holds NaN or infinite values")
+            images[i] = (img - mean) / std
+            lab = lr.read(z)
+            label_mapping(set(np.unique(lab).tolist()), lab_info.path, ignore)  # every slice checked
+            out_lab = np.where(lab == fg_value, 1, 0).astype(np.uint8)
+            if ignore is not None:
+                out_lab[lab == ignore] = IGNORE
+            labels[i] = out_lab
+            fg += int((out_lab == 1).sum())
+            labelled += int((out_lab != IGNORE).sum())
+    images.flush()
+    labels.flush()
+    del images, labels
+    if labelled == 0:
+        raise DataError(f"{lab_info.path}: every pixel of the {name} slices {list(indices)} is the ignore value")
+    return {"slices": [int(z) for z in indices], "shape": [n, h, w], "foreground_fraction": fg / labelled,
+            "labelled_fraction": labelled / (n * h * w)}
+
+
+def _fg_value(lab_info: StackInfo, indices, ignore) -> int:
+    values: set[int] = set()
+    with StackReader(lab_info) as lr:
+        for z in indices:
+            values |= set(np.unique(lr.read(z)).tolist())
+    return label_mapping(values, lab_info.path, ignore)
+
+
+def prepare(params: DataParams, raw_dir: str | Path, out_dir: str | Path) -> dict:
+    """Validate the raw stacks, pick slices, write normalised arrays and the manifest (all or nothing)."""
+    desc = load_source(raw_dir)
+    try:
+        return _prepare(params, Path(raw_dir), Path(out_dir), desc)
+    except DataError as exc:
+        # Name the user's own file, not our copy of it under data/raw.
+        msg = str(exc)
+        for f in desc["files"].values():
+            origin = f.get("origin", "generated")
+            if origin != "generated":
+                msg = msg.replace(str(Path(raw_dir) / f["name"]), origin)
+        raise DataError(msg) from None
+
+
+def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> dict:
+    infos = {role: inspect_stack(raw_dir / f["name"]) for role, f in desc["files"].items()}
+    train_img, train_lab = infos["train_image"], infos["train_labels"]
+    check_image_dtype(train_img)
+    check_pair(train_img, train_lab)
+    n = train_img.shape[0]
+    free = list(range(n))
+
+    if "test_image" in infos:
+        if params.test_slices is not None:
+            raise ConfigError("params.yaml: data.test_slices: must be null when the source has its own test stack")
+        test_img, test_lab = infos["test_image"], infos["test_labels"]
+        check_image_dtype(test_img)
+        check_pair(test_img, test_lab)
+        test_idx = list(range(test_img.shape[0]))
+    else:
+        if params.test_slices is None:
+            raise ConfigError("params.yaml: data.test_slices: required (an int or a list) when the source has no test stack")
+        test_img, test_lab = train_img, train_lab
+        spec = params.test_slices
+        # A contiguous block at the end: slices next to training slices would leak through 3D continuity.
+        test_idx = list(range(n - spec, n)) if isinstance(spec, int) else select_slices(spec, free, "data.test_slices", n)
+        if isinstance(spec, int) and spec >= n:
+            raise ConfigError(f"params.yaml: data.test_slices: {spec} slices leave none to train on (stack has {n})")
+        free = [z for z in free if z not in test_idx]
+
+    train_idx = select_slices(params.train_slices, free, "data.train_slices", n)
+    free = [z for z in free if z not in train_idx]
+    val_idx = select_slices(params.val_slices, free, "data.val_slices", n)
+
+    ignore = params.ignore_value
+    fg_train = _fg_value(train_lab, train_idx + val_idx, ignore)
+    fg_test = _fg_value(test_lab, test_idx, ignore) if test_lab is not train_lab else fg_train
+    train_stats = stack_stats(train_img)
+    test_stats = stack_stats(test_img) if test_img is not train_img else train_stats
+
+    manifest = {"source": desc["source"], "files": desc["files"], "ignore_value": ignore,
+                "internal_labels": {"background": 0, "foreground": 1, "ignore": IGNORE},
+                "normalisation": {"train": dict(zip(("mean", "std"), train_stats)),
+                                  "test": dict(zip(("mean", "std"), test_stats))},
+                "label_foreground_value": {"train": fg_train, "test": fg_test}, "splits": {}}
+    with atomic_dir(out_dir) as tmp:
+        splits = (("train", train_img, train_lab, train_idx, train_stats, fg_train),
+                  ("val", train_img, train_lab, val_idx, train_stats, fg_train),
+                  ("test", test_img, test_lab, test_idx, test_stats, fg_test))
+        for name, img, lab, idx, stats, fgv in splits:
+            manifest["splits"][name] = _write_split(name, img, lab, idx, stats, tmp, ignore, fgv)
+        if manifest["splits"]["train"]["foreground_fraction"] == 0:
+            raise DataError(f"{train_lab.path}: the training slices {train_idx} hold no foreground; nothing to learn")
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def load_split(prepared_dir: str | Path, name: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    d = Path(prepared_dir)
+    try:
+        mode = "r" if mmap else None
+        return np.load(d / f"{name}_images.npy", mmap_mode=mode), np.load(d / f"{name}_labels.npy", mmap_mode=mode)
+    except FileNotFoundError as exc:
+        raise DataError(f"{exc.filename}: prepared data missing; run `emseg prepare` first") from None

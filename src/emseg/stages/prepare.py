@@ -1,0 +1,21 @@
+"""DVC stage `prepare`: validate data/raw, pick slices, write data/prepared/ and its manifest."""
+
+from __future__ import annotations
+
+from emseg.config import load_params
+from emseg.data.prepare import prepare
+from emseg.stages.fetch import RAW_DIR
+
+PREPARED_DIR = "data/prepared"
+
+
+def run(params_path: str = "params.yaml", raw_dir: str = RAW_DIR, out_dir: str = PREPARED_DIR) -> dict:
+    params = load_params(params_path)
+    manifest = prepare(params.data, raw_dir, out_dir)
+    s = manifest["splits"]
+    print(
+        f"prepare: {len(s['train']['slices'])} train slices {s['train']['slices']}, "
+        f"{len(s['val']['slices'])} val, {s['test']['shape'][0]} test; "
+        f"foreground {100 * s['train']['foreground_fraction']:.1f}% -> {out_dir}"
+    )
+    return manifest
