@@ -14,18 +14,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("fetch", help="materialise the raw stacks of data.source into data/raw")
     sub.add_parser("prepare", help="validate raw stacks, choose slices, write data/prepared")
+    sub.add_parser("tune", help="Optuna study over learning rate and batch size (resumable)")
+    sub.add_parser("train", help="train the network, track the run in MLflow")
     return p
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    if args.command == "fetch":
-        from emseg.stages import fetch
+    import importlib
 
-        fetch.run(args.params)
-    elif args.command == "prepare":
-        from emseg.stages import prepare
-
-        prepare.run(args.params)
+    importlib.import_module(f"emseg.stages.{args.command}").run(args.params)
 
 
 def main(argv: list[str] | None = None) -> int:

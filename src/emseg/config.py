@@ -20,7 +20,7 @@ SliceSpec = Union[PositiveInt, list[Annotated[int, Field(ge=0)]]]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, protected_namespaces=())
 
 
 class GeneratedSource(_Strict):
@@ -64,9 +64,97 @@ class DataParams(_Strict):
     epfl: Optional[EpflSource] = None
 
 
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class ModelParams(_Strict):
+    arch: Literal["Unet", "UnetPlusPlus", "FPN", "Linknet", "MAnet", "DeepLabV3Plus"] = "Unet"
+    encoder: str = "efficientnet-b0"
+    decoder_channels: list[PositiveInt] = [256, 128, 64, 32, 16]
+    # smp's efficientnet-b* keep BatchNorm momentum 0.01 (TF's 0.99): after a short training the
+    # running statistics lag far behind and eval-mode predictions collapse. 0.1 is PyTorch's default.
+    bn_momentum: Optional[Annotated[float, Field(gt=0, le=1)]] = 0.1
+    dropout: Probability = 0.0  # dropout before the segmentation head (MC dropout for active learning)
+
+
+class InitParams(_Strict):
+    """Where the starting weights come from (transfer learning)."""
+
+    mode: Literal["scratch", "checkpoint", "registry", "imagenet"] = "scratch"
+    path: Optional[str] = None  # checkpoint: a .ckpt/.pt file; imagenet: a local encoder weights file
+    uri: Optional[str] = None  # registry: models:/NAME@ALIAS or models:/NAME/VERSION
+
+
+class AugmentParams(_Strict):
+    """Probabilities of each augmentation, applied to image and mask together (0 disables)."""
+
+    flip: Probability = 0.5
+    rotate90: Probability = 0.5
+    elastic: Probability = 0.25
+    brightness_contrast: Probability = 0.5
+    gamma: Probability = 0.25
+    noise: Probability = 0.25
+    blur: Probability = 0.15
+
+
+class LossParams(_Strict):
+    focal_weight: Annotated[float, Field(ge=0)] = 1.0
+    dice_weight: Annotated[float, Field(ge=0)] = 1.0
+    gamma: Annotated[float, Field(ge=0)] = 2.0
+    alpha: Optional[Probability] = None
+
+
+class TrainParams(_Strict):
+    patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 256
+    patches_per_epoch: PositiveInt = 64
+    foreground_bias: Probability = 0.5  # share of patches centred on an annotated foreground pixel
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    max_epochs: PositiveInt = 20
+    max_minutes: Optional[PositiveFloat] = None
+    early_stopping_patience: PositiveInt = 8
+    use_tuned: bool = True  # take lr and batch_size from the tune stage's best_params.json
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    accelerator: str = "auto"
+    devices: Union[PositiveInt, Literal["auto"]] = "auto"
+    strategy: str = "auto"
+    precision: Optional[str] = None  # None: 16-mixed on a GPU, 32 on the CPU
+    threshold: Probability = 0.5
+    loss: LossParams = LossParams()
+    augment: AugmentParams = AugmentParams()
+    init: InitParams = InitParams()
+
+
+class TuneParams(_Strict):
+    n_trials: PositiveInt = 4
+    epochs_per_trial: PositiveInt = 3
+    minutes_per_trial: Optional[PositiveFloat] = None
+    timeout_minutes: Optional[PositiveFloat] = None
+    lr_min: PositiveFloat = 1e-4
+    lr_max: PositiveFloat = 1e-2
+    batch_sizes: list[PositiveInt] = [4, 8]
+    pruning: bool = True
+    storage: str = "sqlite:///optuna/study.db"  # any SQLAlchemy URL
+    study_name: str = "emseg"
+    heartbeat_s: Optional[PositiveInt] = 60
+
+
+class TrackingParams(_Strict):
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "emseg"
+    registered_model: str = "emseg-unet"
+
+
 class Params(_Strict):
     seed: int = 42
     data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    tune: TuneParams = TuneParams()
+    tracking: TrackingParams = TrackingParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

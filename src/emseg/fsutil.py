@@ -44,6 +44,28 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
+def staged_files(dest: str | Path) -> Iterator[Path]:
+    """Write several files into a temporary folder, then move each into ``dest`` once all succeeded.
+
+    Unlike :func:`atomic_dir` this keeps other files in ``dest`` (DVC's .gitignore, other stages' outputs).
+    """
+    dest = Path(dest)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".staged-", dir=dest))
+    except OSError as exc:
+        raise _output_error(dest, exc) from None
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, dest / f.name)
+    except OSError as exc:
+        raise _output_error(dest, exc) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
 def atomic_file(final: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside ``final``; rename it into place when the block succeeds."""
     final = Path(final)

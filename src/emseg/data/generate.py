@@ -64,7 +64,7 @@ def generate_slice(seed: int, z: int, height: int = 768, width: int = 1024) -> t
     mask = np.zeros((h, w), bool)
     placed = 0
     tries = 0
-    target = int(rng.integers(14, 22) * scale**2)
+    target = int(rng.integers(24, 34) * scale**2)
     while placed < target and tries < target * 20:
         tries += 1
         a, b = rng.uniform(18, 48), rng.uniform(10, 20)

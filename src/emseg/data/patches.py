@@ -1,0 +1,85 @@
+"""Patch sampling from large labelled slices, and whole-slice validation items.
+
+Each epoch draws fresh random patches; with ``foreground_bias`` b, a share b of them is centred on a
+random annotated foreground pixel, the rest anywhere. Few labelled slices thus give many different
+training examples without cutting the slices into a fixed grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from emseg import IGNORE
+from emseg.errors import ConfigError
+
+
+def pad_to_multiple(x: np.ndarray, multiple: int = 32, value: float = 0.0) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad the last two axes up to a multiple (reflect for images, ``value`` for labels)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not ph and not pw:
+        return x, (h, w)
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)]
+    if x.dtype == np.uint8:
+        return np.pad(x, pad, constant_values=int(value)), (h, w)
+    return np.pad(x, pad, mode="reflect"), (h, w)
+
+
+class PatchDataset(Dataset):
+    """Random patches from (n, H, W) images and labels; deterministic given (seed, epoch, index)."""
+
+    def __init__(self, images, labels, patch_size, length, foreground_bias=0.5, augment=None, seed=0):
+        n, h, w = images.shape
+        if patch_size > h or patch_size > w:
+            raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
+        self.images, self.labels = images, labels
+        self.patch, self.length, self.bias = patch_size, length, foreground_bias
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        # Foreground pixel coordinates, subsampled: enough to centre patches, small in memory.
+        self.fg = []
+        for i in range(n):
+            ys, xs = np.nonzero(np.asarray(labels[i]) == 1)
+            keep = np.random.default_rng([seed, i]).permutation(len(ys))[:20000]
+            self.fg.append(np.column_stack([ys[keep], xs[keep]]))
+        self.has_fg = [i for i in range(n) if len(self.fg[i])]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, idx: int):
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        n, h, w = self.images.shape
+        p = self.patch
+        if self.has_fg and rng.random() < self.bias:
+            i = int(rng.choice(self.has_fg))
+            cy, cx = self.fg[i][rng.integers(len(self.fg[i]))]
+            y0 = int(np.clip(cy - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, h - p))
+            x0 = int(np.clip(cx - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, w - p))
+        else:
+            i = int(rng.integers(n))
+            y0, x0 = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
+        image = np.array(self.images[i, y0:y0 + p, x0:x0 + p], dtype=np.float32)
+        label = np.array(self.labels[i, y0:y0 + p, x0:x0 + p], dtype=np.uint8)
+        if self.augment is not None:
+            image, label = self.augment(image, label, rng)
+        return torch.from_numpy(image)[None], torch.from_numpy(label.astype(np.int64))[None]
+
+
+class SliceDataset(Dataset):
+    """Whole slices, padded to a multiple of 32 (padding labelled IGNORE so it never counts)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image, _ = pad_to_multiple(np.array(self.images[i], dtype=np.float32))
+        label, _ = pad_to_multiple(np.asarray(self.labels[i], dtype=np.uint8), value=IGNORE)
+        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(label.astype(np.int64))[None]

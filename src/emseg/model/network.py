@@ -1,0 +1,156 @@
+"""Network factory and transfer-learning initialisation.
+
+``build_network`` makes a segmentation-models-pytorch network with one input channel and one output
+channel (logits). It never downloads anything: ImageNet weights come only from a local file.
+``SegmentationNet`` is what gets saved: it remembers how it was built, so a weights file
+(``save_weights``) can be loaded back safely (``torch.load(weights_only=True)``) without pickled code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from emseg.config import InitParams, ModelParams
+from emseg.errors import ConfigError, EmsegError
+
+
+class SegmentationNet(nn.Module):
+    """An smp network plus the spec it was built from; ``forward`` returns logits (N, 1, H, W)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        self.spec = dict(spec)
+        arch = getattr(smp, spec["arch"])
+        kwargs = dict(encoder_name=spec["encoder"], encoder_weights=None, in_channels=1, classes=1)
+        if spec["arch"] in ("Unet", "UnetPlusPlus", "MAnet"):
+            kwargs["decoder_channels"] = list(spec["decoder_channels"])
+        try:
+            self.net = arch(**kwargs)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"params.yaml: model.encoder: {spec['encoder']!r} is not an encoder smp knows ({exc})") from None
+        self.dropout = nn.Dropout2d(spec.get("dropout", 0.0))
+        if spec.get("bn_momentum") is not None:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = spec["bn_momentum"]
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.net.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.net.encoder(x)
+        dec = self.net.decoder(feats) if _decoder_takes_list() else self.net.decoder(*feats)
+        return self.net.segmentation_head(self.dropout(dec))
+
+
+def _decoder_takes_list() -> bool:
+    # smp 0.5+ decoders take the feature list; older ones took *features.
+    return tuple(int(v) for v in smp.__version__.split(".")[:2]) >= (0, 5)
+
+
+class ProbabilityModel(nn.Module):
+    """Served flavour: normalised image (N, 1, H, W) float32 -> foreground probability."""
+
+    def __init__(self, net: SegmentationNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x))
+
+
+def model_spec(cfg: ModelParams) -> dict[str, Any]:
+    return cfg.model_dump()
+
+
+def build_network(cfg: ModelParams) -> SegmentationNet:
+    return SegmentationNet(model_spec(cfg))
+
+
+def save_weights(net: SegmentationNet, path: str | Path, extra: dict | None = None) -> None:
+    torch.save({"spec": net.spec, "state_dict": net.state_dict(), **(extra or {})}, path)
+
+
+def load_weights(path: str | Path) -> tuple[SegmentationNet, dict]:
+    """Rebuild a network from a weights file written by ``save_weights`` (safe: weights only)."""
+    blob = _safe_load(path)
+    if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
+        raise EmsegError(f"{path}: not an emseg weights file (expected keys 'spec' and 'state_dict')")
+    net = SegmentationNet(blob["spec"])
+    net.load_state_dict(blob["state_dict"])
+    return net, blob
+
+
+def _safe_load(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise EmsegError(f"{path}: weights file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EmsegError(f"{path}: cannot load weights safely ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def _state_dict_from(blob: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """Accept an emseg weights file, a Lightning checkpoint or a bare state dict."""
+    if isinstance(blob, dict) and "state_dict" in blob:
+        sd = blob["state_dict"]
+        # A Lightning checkpoint prefixes our module's attribute name: "net.net.encoder..." -> "net.encoder...".
+        if any(k.startswith("net.net.") for k in sd):
+            sd = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
+        return sd
+    if isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        return blob
+    raise EmsegError(f"{path}: holds no state dict")
+
+
+def _load_matching(net: SegmentationNet, sd: dict[str, torch.Tensor], source: str, prefix: str = "") -> int:
+    own = net.state_dict()
+    matched = {}
+    for k, v in sd.items():
+        key = prefix + k
+        if key in own and own[key].shape == v.shape:
+            matched[key] = v
+        elif key in own and own[key].ndim == 4 and v.ndim == 4 and v.shape[1] == 3 and own[key].shape[1] == 1:
+            matched[key] = v.sum(dim=1, keepdim=True)  # RGB first conv -> one grey channel, as smp does
+    if not matched:
+        raise EmsegError(f"{source}: no weights match this network ({net.spec['arch']} / {net.spec['encoder']})")
+    own.update(matched)
+    net.load_state_dict(own)
+    return len(matched)
+
+
+def initialise(net: SegmentationNet, init: InitParams) -> str:
+    """Load starting weights into ``net`` as ``init`` says; return a short description for tags."""
+    if init.mode == "scratch":
+        return "scratch"
+    if init.mode == "checkpoint":
+        if not init.path:
+            raise ConfigError("params.yaml: train.init.path: required when train.init.mode is 'checkpoint'")
+        n = _load_matching(net, _state_dict_from(_safe_load(init.path), init.path), init.path)
+        return f"checkpoint:{init.path} ({n} tensors)"
+    if init.mode == "imagenet":
+        if not init.path:
+            raise ConfigError(
+                "params.yaml: train.init.path: ImageNet mode needs a local encoder weights file "
+                "(there is no internet here; copy the encoder's .pth from a connected machine)")
+        if not Path(init.path).expanduser().is_file():
+            raise EmsegError(f"{init.path}: ImageNet encoder weights not found (no download is attempted: "
+                             "copy the file there from a connected machine)")
+        blob = _safe_load(Path(init.path).expanduser())
+        n = _load_matching(net, _state_dict_from(blob, init.path), init.path, prefix="net.encoder.")
+        return f"imagenet:{Path(init.path).name} ({n} tensors)"
+    if init.mode == "registry":
+        if not init.uri:
+            raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is 'registry'")
+        from emseg.tracking import download_weights
+
+        path = download_weights(init.uri)
+        n = _load_matching(net, _state_dict_from(_safe_load(path), init.uri), init.uri)
+        return f"registry:{init.uri} ({n} tensors)"
+    raise ConfigError(f"params.yaml: train.init.mode: unknown mode {init.mode!r}")

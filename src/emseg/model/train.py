@@ -1,0 +1,103 @@
+"""One training run: build, initialise, fit with early stopping, return the best network and history.
+
+Shared by the `tune` stage (short trials) and the `train` stage (the real run). Behaviour is added
+with callbacks (history, pruning, checkpoints), not by editing the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+from emseg.config import Params
+from emseg.model.bn import PreciseBatchNorm
+from emseg.model.module import EMDataModule, SegmentationModule
+from emseg.model.network import SegmentationNet, initialise, model_spec
+
+CURVE_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "val_iou")
+
+
+class History(Callback):
+    """Per-epoch train/val loss, accuracy and IoU, handed to ``on_epoch`` (MLflow, CSV...) as they come."""
+
+    def __init__(self, on_epoch=None):
+        self.rows: list[dict] = []
+        self.on_epoch = on_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch, **{k: float(m[k]) for k in CURVE_KEYS if k in m}}
+        self.rows.append(row)
+        if self.on_epoch:
+            self.on_epoch(row)
+
+
+@dataclass
+class FitResult:
+    net: SegmentationNet
+    best_score: float
+    history: list[dict]
+    best_checkpoint: str | None
+    init: str
+    epochs: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
+def fit(params: Params, prepared_dir: str | Path, work_dir: str | Path, *, lr: float, batch_size: int,
+        max_epochs: int | None = None, max_minutes: float | None = None, callbacks=(), on_epoch=None,
+        progress: bool = True, checkpoints: bool = True) -> FitResult:
+    _quiet()
+    cfg = params.train
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    module = SegmentationModule(model_spec(params.model), lr=lr, weight_decay=cfg.weight_decay,
+                                loss=cfg.loss.model_dump(), threshold=cfg.threshold)
+    init_desc = initialise(module.net, cfg.init)
+    dm = EMDataModule(prepared_dir, cfg, batch_size, params.seed)
+    history = History(on_epoch)
+    # PreciseBatchNorm first: validation, checkpoints and pruning must all see the recalibrated network.
+    cbs = [PreciseBatchNorm(), history, EarlyStopping("val_iou", mode="max", patience=cfg.early_stopping_patience),
+           *callbacks]
+    ckpt = None
+    if checkpoints:
+        ckpt = ModelCheckpoint(dirpath=Path(work_dir) / "checkpoints", filename="best", monitor="val_iou",
+                               mode="max", save_last=True, enable_version_counter=False)
+        cbs.append(ckpt)
+    gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    max_time = None
+    minutes = max_minutes if max_minutes is not None else cfg.max_minutes
+    if minutes:
+        max_time = {"seconds": int(minutes * 60)}
+    trainer = L.Trainer(
+        max_epochs=max_epochs or cfg.max_epochs, max_time=max_time, accelerator=cfg.accelerator,
+        devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision or ("16-mixed" if gpu else "32-true"),
+        callbacks=cbs, logger=False, enable_checkpointing=checkpoints, enable_progress_bar=progress,
+        enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
+        default_root_dir=str(work_dir), log_every_n_steps=1,
+    )
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.time() - t0
+    best = max((r.get("val_iou", 0.0) for r in history.rows), default=0.0)
+    if ckpt is not None and ckpt.best_model_path:
+        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    net = module.net.cpu().eval()
+    return FitResult(net, best, history.rows, ckpt.best_model_path if ckpt else None, init_desc,
+                     len(history.rows), seconds)

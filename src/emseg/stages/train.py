@@ -1,0 +1,81 @@
+"""DVC stage `train`: fit the network on data/prepared, track the run in MLflow, write models/ and reports/train/."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from emseg.config import load_params
+from emseg.data.prepare import load_split
+from emseg.fsutil import staged_files, write_json
+from emseg.inference import predict_slice
+from emseg.model.network import save_weights
+from emseg.model.train import CURVE_KEYS, fit
+from emseg.plots import plot_curves, plot_overlays
+from emseg.stages.prepare import PREPARED_DIR
+from emseg.stages.tune import BEST_PARAMS
+from emseg import tracking
+
+MODEL_DIR = "models"
+REPORT_DIR = "reports/train"
+
+
+def effective_hparams(params, best_params_path: str = BEST_PARAMS) -> tuple[float, int, str]:
+    """lr and batch size: from the tune stage when train.use_tuned is set and it has run, else params."""
+    path = Path(best_params_path)
+    if params.train.use_tuned and path.exists():
+        best = json.loads(path.read_text())
+        return float(best["lr"]), int(best["batch_size"]), "tuned"
+    return params.train.lr, params.train.batch_size, "params"
+
+
+def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
+    import mlflow
+
+    params = load_params(params_path)
+    manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
+    lr, batch_size, origin = effective_hparams(params)
+    tracking.configure(params.tracking)
+    work = Path(tempfile.mkdtemp(prefix="emseg-train-"))
+    with mlflow.start_run(run_name=f"train-{manifest['source']}-{len(manifest['splits']['train']['slices'])}sl") as run:
+        mlflow.log_params(tracking.flatten(params.model_dump(exclude={"tune"})))
+        mlflow.log_params({"effective.lr": lr, "effective.batch_size": batch_size, "effective.origin": origin})
+
+        def log_epoch(row):
+            mlflow.log_metrics({k: row[k] for k in CURVE_KEYS if k in row}, step=row["epoch"])
+
+        result = fit(params, prepared_dir, work, lr=lr, batch_size=batch_size, on_epoch=log_epoch)
+        mlflow.set_tags(tracking.run_tags(manifest, result.init))
+        patches_per_s = result.epochs * params.train.patches_per_epoch / max(result.seconds, 1e-9)
+        summary = {"best_val_iou": result.best_score, "epochs": result.epochs, "train_seconds": round(result.seconds, 1),
+                   "patches_per_second": round(patches_per_s, 2), "lr": lr, "batch_size": batch_size}
+        mlflow.log_metrics({"best_val_iou": result.best_score, "train_seconds": result.seconds,
+                            "patches_per_second": patches_per_s})
+        with staged_files(REPORT_DIR) as rep:
+            with open(rep / "history.csv", "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=["epoch", *CURVE_KEYS])
+                w.writeheader()
+                w.writerows(result.history)
+            plot_curves(result.history, rep / "curves.png",
+                        title=f"{manifest['source']}, {len(manifest['splits']['train']['slices'])} labelled slices")
+            vx, vy = load_split(prepared_dir, "val")
+            k = min(2, len(vx))
+            probs = [predict_slice(result.net, vx[i]) for i in range(k)]
+            plot_overlays([vx[i] for i in range(k)], [vy[i] for i in range(k)], probs, rep / "val_overlays.png",
+                          params.train.threshold)
+            mlflow.log_artifact(str(rep / "curves.png"))
+            mlflow.log_artifact(str(rep / "val_overlays.png"))
+            mlflow.log_artifact(str(rep / "history.csv"))
+            info = tracking.log_model(result.net)
+            write_json(rep / "metrics.json", summary)
+            write_json(rep / "run.json", {"run_id": run.info.run_id, "model_uri": info.model_uri})
+        with staged_files(MODEL_DIR) as out:
+            save_weights(result.net, out / "model.pt", {"run_id": run.info.run_id})
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"train: {result.epochs} epochs in {result.seconds / 60:.1f} min, best val IoU {result.best_score:.3f} "
+          f"(lr {lr:.2g}, batch {batch_size}, {origin}); MLflow run {run.info.run_id}")
+    return summary

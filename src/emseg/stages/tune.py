@@ -1,0 +1,155 @@
+"""DVC stage `tune`: an Optuna study over learning rate and batch size, each trial an MLflow child run.
+
+The study lives in persistent RDB storage (SQLite by default) and is resumed with
+``load_if_exists``: rerunning after an interruption only runs the trials still missing. Its name
+carries a hash of the data and of every setting that changes what a trial means, so a study never
+mixes trials on different data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from emseg.config import load_params
+from emseg.errors import EmsegError
+from emseg.fsutil import staged_files, write_json
+from emseg.stages.prepare import PREPARED_DIR
+
+REPORT_DIR = "reports/tune"
+BEST_PARAMS = f"{REPORT_DIR}/best_params.json"
+
+
+def study_name(params, prepared_dir: str) -> str:
+    manifest = (Path(prepared_dir) / "manifest.json").read_bytes()
+    spec = json.dumps({"model": params.model.model_dump(),
+                       "train": params.train.model_dump(exclude={"lr", "batch_size", "use_tuned", "max_epochs",
+                                                                 "max_minutes", "num_workers"}),
+                       "tune": params.tune.model_dump(include={"epochs_per_trial", "minutes_per_trial", "lr_min",
+                                                               "lr_max", "batch_sizes"}),
+                       "seed": params.seed}, sort_keys=True).encode()
+    return f"{params.tune.study_name}-{hashlib.sha256(manifest + spec).hexdigest()[:10]}"
+
+
+def _storage(params):
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+
+    url = params.tune.storage
+    if url.startswith("sqlite:///") and not url[len("sqlite:///"):].startswith("/"):
+        path = Path(url[len("sqlite:///"):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = "sqlite:///" + str(path)
+    hb = params.tune.heartbeat_s
+    kwargs = {"heartbeat_interval": hb, "grace_period": 2 * hb,
+              "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2)} if hb else {}
+    return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}, **kwargs)
+
+
+def _plots(study, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    written = []
+    ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+    ax.figure.set_size_inches(7, 4)
+    ax.figure.tight_layout()
+    ax.figure.savefig(out / "optimization_history.png", dpi=90)
+    plt.close(ax.figure)
+    written.append(out / "optimization_history.png")
+    try:
+        ax = optuna.visualization.matplotlib.plot_param_importances(study)
+        ax.figure.set_size_inches(7, 3)
+        ax.figure.tight_layout()
+        ax.figure.savefig(out / "param_importances.png", dpi=90)
+        plt.close(ax.figure)
+        written.append(out / "param_importances.png")
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        pass  # importances need at least two finished trials with different values
+    return written
+
+
+def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from emseg import tracking
+    from emseg.model.train import CURVE_KEYS, fit
+
+    params = load_params(params_path)
+    cfg = params.tune
+    tracking.configure(params.tracking)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if cfg.pruning else optuna.pruners.NopPruner()
+    name = study_name(params, prepared_dir)
+    study = optuna.create_study(study_name=name, storage=_storage(params), direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=params.seed), pruner=pruner,
+                                load_if_exists=True)
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    missing = max(cfg.n_trials - len(done), 0)
+
+    with mlflow.start_run(run_name=f"tune-{name}"):
+        mlflow.set_tags({"optuna_study": name, "stage": "tune"})
+        mlflow.log_params(tracking.flatten({"tune": cfg.model_dump()}))
+
+        def objective(trial):
+            lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
+            bs = trial.suggest_categorical("batch_size", cfg.batch_sizes)
+            with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+                mlflow.set_tags({"optuna_study": name, "optuna_trial": str(trial.number)})
+                mlflow.log_params({"lr": lr, "batch_size": bs})
+                work = tempfile.mkdtemp(prefix="emseg-trial-")
+                try:
+                    res = fit(params, prepared_dir, work, lr=lr, batch_size=bs, max_epochs=cfg.epochs_per_trial,
+                              max_minutes=cfg.minutes_per_trial, checkpoints=False, progress=False,
+                              callbacks=[PyTorchLightningPruningCallback(trial, monitor="val_iou")],
+                              on_epoch=lambda r: mlflow.log_metrics({k: r[k] for k in CURVE_KEYS if k in r},
+                                                                    step=r["epoch"]))
+                except optuna.TrialPruned:
+                    mlflow.set_tag("optuna_state", "PRUNED")
+                    raise
+                trial.set_user_attr("epochs", res.epochs)
+                mlflow.log_metric("best_val_iou", res.best_score)
+                mlflow.set_tag("optuna_state", "COMPLETE")
+                return res.best_score
+
+        if missing:
+            study.optimize(objective, n_trials=missing, timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None,
+                           catch=(), show_progress_bar=True)
+        trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        completed = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not completed:
+            raise EmsegError(f"tune: none of the {len(trials)} trials of study {name} completed (all pruned or failed)")
+        best = study.best_trial
+        result = {"lr": best.params["lr"], "batch_size": best.params["batch_size"], "best_val_iou": best.value,
+                  "trial": best.number, "n_complete": len(completed), "n_pruned": len(trials) - len(completed),
+                  "epochs_trained": sum(len(t.intermediate_values) for t in trials), "study": name}
+        mlflow.log_metrics({"best_val_iou": best.value, "n_complete": len(completed),
+                            "n_pruned": len(trials) - len(completed), "epochs_trained": result["epochs_trained"]})
+        with staged_files(REPORT_DIR) as rep:
+            with open(rep / "trials.csv", "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["trial", "state", "lr", "batch_size", "value", "epochs"])
+                for t in trials:
+                    w.writerow([t.number, t.state.name, t.params.get("lr"), t.params.get("batch_size"), t.value,
+                                len(t.intermediate_values)])
+            for png in _plots(study, rep):
+                mlflow.log_artifact(str(png))
+            mlflow.log_artifact(str(rep / "trials.csv"))
+            write_json(rep / "best_params.json", result)
+        mlflow.set_tag("best_trial", str(best.number))
+    print(f"tune: best val IoU {best.value:.3f} with lr {result['lr']:.2g}, batch {result['batch_size']} "
+          f"({len(completed)} complete, {result['n_pruned']} pruned, {missing} run now) -> {BEST_PARAMS}")
+    return result

@@ -1,0 +1,149 @@
+"""Everything MLflow: store location, run tags that trace a run to code and data, models, registry look-ups."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emseg.config import TrackingParams
+from emseg.errors import EmsegError
+
+
+def _absolute_sqlite(uri: str, root: Path) -> str:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        path = (root / uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+def configure(cfg: TrackingParams, root: str | Path = ".") -> str:
+    """Point MLflow at the project's store; create the experiment with artifacts under mlruns/."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    root = Path(root).resolve()
+    uri = _absolute_sqlite(cfg.tracking_uri, root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        artifacts = (root / cfg.artifact_root).resolve()
+        artifacts.mkdir(parents=True, exist_ok=True)
+        mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+    mlflow.set_experiment(cfg.experiment)
+    return uri
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, list) else json.dumps(v)
+    return out
+
+
+def git_commit(root: str | Path = ".") -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def dvc_data_hash(root: str | Path = ".", out: str = "data/prepared") -> str:
+    """The DVC hash of the prepared data, from dvc.lock (what `dvc checkout` restores)."""
+    lock = Path(root) / "dvc.lock"
+    try:
+        stages = yaml.safe_load(lock.read_text()).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "unknown"
+    for stage in stages.values():
+        for o in stage.get("outs", []) or []:
+            if o.get("path") == out:
+                return o.get("md5", "unknown")
+    return "unknown"
+
+
+def run_tags(manifest: dict, init: str, root: str | Path = ".") -> dict[str, str]:
+    s = manifest["splits"]
+    return {"git_commit": git_commit(root), "dvc_data_hash": dvc_data_hash(root), "dataset": manifest["source"],
+            "labelled_slices": str(len(s["train"]["slices"])), "init": init,
+            "train_slices": json.dumps(s["train"]["slices"])}
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "segmentation-models-pytorch", "timm", "numpy", "emseg")]
+
+
+def log_model(net):
+    """Log the network (pyfunc + pytorch flavours, signature, input example) and a safe weights file.
+
+    The pytorch flavour is saved as a torch.export "pt2" program: loading it runs no pickled code.
+    Batch, height and width are dynamic (height and width multiples of 32).
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from emseg.model.network import ProbabilityModel, save_weights
+
+    served = ProbabilityModel(net).eval()
+    # Batch 2 and unequal sides, so torch.export keeps every dimension dynamic.
+    example = np.zeros((2, 1, 64, 96), np.float32)
+    spec = TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))
+    signature = ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]))
+    info = mlflow.pytorch.log_model(served, name="model", signature=signature, input_example=example,
+                                    serialization_format="pt2", pip_requirements=_requirements())
+    with tempfile.TemporaryDirectory() as tmp:
+        save_weights(net, Path(tmp) / "model.pt")
+        mlflow.log_artifact(str(Path(tmp) / "model.pt"), artifact_path="weights")
+    return info
+
+
+def resolve_model_version(uri: str):
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> ModelVersion, with one clear error if absent."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        raise EmsegError(f"{uri}: expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = uri[len("models:/"):]
+    client = MlflowClient()
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, version = rest.rsplit("/", 1)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise EmsegError(f"{uri}: not found in the model registry ({str(exc).splitlines()[0]})") from None
+    except ValueError:
+        raise EmsegError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION") from None
+
+
+def download_weights(uri: str) -> Path:
+    """Local path of the safe weights file behind a registry URI."""
+    import mlflow
+
+    mv = resolve_model_version(uri)
+    if not mv.run_id:
+        raise EmsegError(f"{uri}: model version {mv.version} has no source run with weights")
+    dst = Path(tempfile.mkdtemp(prefix="emseg-weights-"))
+    return Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="weights/model.pt", dst_path=str(dst)))
