@@ -124,7 +124,7 @@ def small_prepared(tmp_path_factory):
 
 
 def test_short_training_predicts_right_in_eval_mode_and_repeats(small_prepared, tmp_path):
-    params = _params(max_epochs=4, lr=3e-3)
+    params = _params(max_epochs=5, lr=3e-3, patch_size=128, patches_per_epoch=64)
     res = fit(params, small_prepared, tmp_path / "a", lr=3e-3, batch_size=8, progress=False)
     vx, vy = load_split(small_prepared, "val")
     prob = predict_slice(res.net, vx[0])  # eval mode

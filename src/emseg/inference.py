@@ -16,7 +16,7 @@ from emseg.data.patches import pad_to_multiple
 def predict_slice(net: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     """Foreground probability (float32, same shape) of one normalised 2D slice."""
     net.eval()
-    padded, (h, w) = pad_to_multiple(np.asarray(image, dtype=np.float32))
+    padded, (h, w) = pad_to_multiple(np.array(image, dtype=np.float32))
     device = next(net.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(device)
     return torch.sigmoid(net(x))[0, 0, :h, :w].float().cpu().numpy()

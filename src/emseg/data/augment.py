@@ -42,6 +42,8 @@ class Augmenter:
         self.transform = A.Compose(t)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        # Drive albumentations from the caller's generator: the same (seed, epoch, index) gives the same patch.
+        self.transform.set_random_seed(int(rng.integers(2**31)))
         out = self.transform(image=image, mask=mask)
         image, mask = out["image"], out["mask"]
         if self.cfg.gamma and rng.random() < self.cfg.gamma:

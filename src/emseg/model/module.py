@@ -44,7 +44,8 @@ class SegmentationModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
-    def _log_scores(self, stage: str) -> None:
+    def log_epoch_scores(self, stage: str) -> None:
+        """Log IoU and accuracy from the counts gathered this epoch, then reset them (idempotent)."""
         if self._counts[stage]:
             s = scores(self._counts[stage])
             self.log(f"{stage}_iou", s["iou"], prog_bar=stage == "val", sync_dist=True)
@@ -58,13 +59,13 @@ class SegmentationModule(L.LightningModule):
             dm.train_set.set_epoch(self.current_epoch)  # fresh patches every epoch, reproducibly
 
     def on_train_epoch_end(self) -> None:
-        self._log_scores("train")
+        self.log_epoch_scores("train")
 
     def on_validation_epoch_start(self) -> None:
         self._counts["val"] = {}
 
     def on_validation_epoch_end(self) -> None:
-        self._log_scores("val")
+        self.log_epoch_scores("val")
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -34,6 +34,8 @@ class History(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
+        # Callback hooks run before the module's own on_train_epoch_end: log the train scores now.
+        pl_module.log_epoch_scores("train")
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch, **{k: float(m[k]) for k in CURVE_KEYS if k in m}}
         self.rows.append(row)

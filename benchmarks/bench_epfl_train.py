@@ -1,0 +1,74 @@
+"""Train on 12 EPFL slices with a profile, then score foreground IoU on all 82 slices of testing.tif.
+
+Run: .venv/bin/python benchmarks/bench_epfl_train.py [profiles/epfl-cpu.yaml]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import EPFL, ROOT, run_measured, save  # noqa: E402
+
+
+def merge(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def main() -> None:
+    profile = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "profiles" / "epfl-cpu.yaml")
+    proj = Path(tempfile.mkdtemp(prefix="emseg-bench-epfl-"))
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
+    params["data"]["epfl"]["mirrors"] = [str(EPFL)]
+    params["data"]["epfl"]["cache_dir"] = str(proj / "cache")
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("fetch", "prepare"):
+        run_measured(["emseg", stage], proj)
+    train = run_measured(["emseg", "train"], proj)
+    metrics = json.loads((proj / "reports/train/metrics.json").read_text())
+
+    import torch
+
+    from emseg.data.prepare import load_split
+    from emseg.inference import predict_slice
+    from emseg.metrics import add_counts, confusion, scores
+    from emseg.model.network import load_weights
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    net, _ = load_weights(proj / "models" / "model.pt")
+    x, y = load_split(proj / "data" / "prepared", "test")
+    counts: dict = {}
+    t0 = time.time()
+    per_slice = []
+    for i in range(len(x)):
+        c = confusion(predict_slice(net, x[i]) > params["train"]["threshold"], np.asarray(y[i]))
+        per_slice.append(scores(c)["iou"])
+        counts = add_counts(counts, c)
+    test = scores(counts)
+    save(f"epfl_train_{profile.stem}", {
+        "command": f".venv/bin/python benchmarks/bench_epfl_train.py {profile.relative_to(ROOT)}",
+        "profile": yaml.safe_load(profile.read_text()), "train_wall_seconds": round(train["seconds"], 1),
+        "train_peak_rss_mib": round(train["peak_rss_mib"]), "epochs": metrics["epochs"],
+        "train_seconds": metrics["train_seconds"], "best_val_iou": round(metrics["best_val_iou"], 4),
+        "patches_per_second": metrics["patches_per_second"],
+        "test_slices": len(x), "test_foreground_iou": round(test["iou"], 4), "test_dice": round(test["dice"], 4),
+        "test_accuracy": round(test["accuracy"], 5), "test_precision": round(test["precision"], 4),
+        "test_recall": round(test["recall"], 4), "test_per_slice_iou_min": round(min(per_slice), 4),
+        "predict_seconds": round(time.time() - t0, 1), "work_dir": str(proj),
+    })
+
+
+if __name__ == "__main__":
+    main()
