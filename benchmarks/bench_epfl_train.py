@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,7 +27,7 @@ def merge(dst: dict, src: dict) -> dict:
 
 
 def main() -> None:
-    profile = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "profiles" / "epfl-cpu.yaml")
+    profile = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "profiles" / "epfl-cpu.yaml").resolve()
     proj = Path(tempfile.mkdtemp(prefix="emseg-bench-epfl-"))
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
     params["data"]["epfl"]["mirrors"] = [str(EPFL)]
@@ -39,24 +38,18 @@ def main() -> None:
     train = run_measured(["emseg", "train"], proj)
     metrics = json.loads((proj / "reports/train/metrics.json").read_text())
 
-    import torch
-
+    from emseg.config import load_params
     from emseg.data.prepare import load_split
-    from emseg.inference import predict_slice
-    from emseg.metrics import add_counts, confusion, scores
+    from emseg.evaluate import evaluate_stack
     from emseg.model.network import load_weights
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     net, _ = load_weights(proj / "models" / "model.pt")
     x, y = load_split(proj / "data" / "prepared", "test")
-    counts: dict = {}
     t0 = time.time()
-    per_slice = []
-    for i in range(len(x)):
-        c = confusion(predict_slice(net, x[i]) > params["train"]["threshold"], np.asarray(y[i]))
-        per_slice.append(scores(c)["iou"])
-        counts = add_counts(counts, c)
-    test = scores(counts)
+    p = load_params(proj / "params.yaml")
+    ev = evaluate_stack(net, x, y, p.evaluate, p.train.threshold, keep=0)  # emseg evaluate's path: tiled, blended
+    test = ev.metrics
+    per_slice = [r["iou"] for r in ev.per_slice]
     save(f"epfl_train_{profile.stem}", {
         "command": f".venv/bin/python benchmarks/bench_epfl_train.py {profile.relative_to(ROOT)}",
         "profile": yaml.safe_load(profile.read_text()), "train_wall_seconds": round(train["seconds"], 1),
@@ -66,6 +59,9 @@ def main() -> None:
         "test_slices": len(x), "test_foreground_iou": round(test["iou"], 4), "test_dice": round(test["dice"], 4),
         "test_accuracy": round(test["accuracy"], 5), "test_precision": round(test["precision"], 4),
         "test_recall": round(test["recall"], 4), "test_per_slice_iou_min": round(min(per_slice), 4),
+        "test_instance_f1_watershed": round(test["instance_f1"], 4),
+        "test_instance_f1_connected": round(test["instance_f1_connected"], 4),
+        "test_splits": test["splits"], "test_merges": test["merges"],
         "predict_seconds": round(time.time() - t0, 1), "work_dir": str(proj),
     })
 

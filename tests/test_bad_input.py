@@ -95,13 +95,11 @@ def test_four_d_array(project, tmp_path):
 
 
 def test_one_d_array(project, tmp_path):
-    tifffile.imwrite(tmp_path / "line.tif", np.arange(64, dtype=np.uint8)[None, :], photometric="minisblack")
+    tifffile.imwrite(tmp_path / "line.tif", np.arange(64, dtype=np.uint8))
     img, lab = _stacks()
     tifffile.imwrite(tmp_path / "lab.tif", lab)
-    # A 1-pixel-high image is what a 1D array becomes in TIFF; a folder holding a 1D .npy-like slice is
-    # refused the same way. Here the shape check trips first.
     _tiff_source(project, tmp_path / "line.tif", tmp_path / "lab.tif")
-    _fails_cleanly(project, "line.tif")
+    _fails_cleanly(project, "line.tif: expected a 2D slice or a 3D (z, y, x) grey stack, got 1D shape (64,)")
 
 
 def test_empty_stack(project, tmp_path):

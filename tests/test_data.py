@@ -28,11 +28,11 @@ def test_generator_is_deterministic_and_em_like():
     assert a_img.dtype == np.uint8 and set(np.unique(a_lab)) == {0, 255}
     fg = a_lab > 0
     assert 0.02 < fg.mean() < 0.15  # EPFL has ~5 % mitochondria
-    # Mitochondria are darker than the cytoplasm around them, but not separable by a threshold alone:
-    # vesicles and membranes are as dark.
+    # Mitochondria are darker than the cytoplasm around them, but no grey-value threshold segments
+    # them: membranes, vesicles and noise are as dark (the best threshold's IoU stays low).
     assert a_img[fg].mean() < a_img[~fg].mean() - 15
-    dark_bg = (a_img < np.percentile(a_img[fg], 50)) & ~fg
-    assert dark_bg.sum() > 0.2 * fg.sum()
+    best = max(((a_img < t) & fg).sum() / ((a_img < t) | fg).sum() for t in range(40, 200, 2))
+    assert best < 0.7
     # Some objects touch: fewer connected components than drawn objects across a few slices.
     n_comp = sum(ndimage.label(generate_slice(0, z, 384, 512)[1] > 0)[1] for z in range(4))
     assert n_comp > 8

@@ -19,7 +19,7 @@ from conftest import SMALL_GENERATED, make_project, run_cli, write_params
 TINY = {
     **SMALL_GENERATED,
     "model": {"decoder_channels": [64, 32, 16, 16, 8]},
-    "train": {"patch_size": 96, "patches_per_epoch": 16, "batch_size": 8, "max_epochs": 2},
+    "train": {"patch_size": 96, "patches_per_epoch": 32, "batch_size": 8, "max_epochs": 3},
     "tune": {"n_trials": 2, "epochs_per_trial": 1, "batch_sizes": [4, 8], "heartbeat_s": 2},
 }
 
@@ -42,6 +42,7 @@ def test_dvc_repro_runs_prepare_tune_train_and_tracks_everything(repro_project):
     proj, proc = repro_project
     out = proc.stdout
     assert "train:" in out and "best val IoU" in out and "tune: best val IoU" in out
+    assert "evaluate:" in out and "register:" in out
     best = json.loads((proj / "reports/tune/best_params.json").read_text())
     assert best["n_complete"] + best["n_pruned"] == 2 and best["batch_size"] in (4, 8)
     metrics = json.loads((proj / "reports/train/metrics.json").read_text())
@@ -77,6 +78,144 @@ def test_dvc_repro_runs_prepare_tune_train_and_tracks_everything(repro_project):
 
     pred = model.predict(np.random.default_rng(0).normal(size=(3, 1, 128, 96)).astype(np.float32))
     assert pred.shape == (3, 1, 128, 96) and 0 <= pred.min() and pred.max() <= 1  # any batch and size
+
+
+@pytest.mark.slow
+def test_evaluate_and_register_give_a_champion_that_a_worse_run_does_not_take(repro_project):
+    proj, _ = repro_project
+    metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())
+    for key in ("iou", "dice", "accuracy", "precision", "recall", "instance_f1", "splits", "merges"):
+        assert key in metrics
+    assert metrics["slices"] == 2 and 0 < metrics["iou"] <= 1
+    per_slice = (proj / "reports/evaluate/per_slice.csv").read_text().splitlines()
+    assert per_slice[0] == "slice,iou" and len(per_slice) == 3
+    pr = (proj / "reports/evaluate/pr_curve.csv").read_text().splitlines()
+    assert pr[0] == "threshold,precision,recall" and len(pr) == 100
+    first = json.loads((proj / "reports/register/registration.json").read_text())
+    assert first["version"] == 1 and first["promoted"] and first["champion_test_iou_before"] is None
+    client = _client(proj)
+    champ = client.get_model_version_by_alias("emseg-unet", "champion")
+    assert str(champ.version) == "1" and float(champ.tags["test_iou"]) == pytest.approx(metrics["iou"], abs=1e-6)
+    run_id = json.loads((proj / "reports/train/run.json").read_text())["run_id"]
+    assert client.get_run(run_id).data.metrics["test_iou"] == pytest.approx(metrics["iou"])
+    assert "evaluation" in {a.path for a in client.list_artifacts(run_id)}
+
+    # A worse setting: one epoch on a single tiny patch per step. It registers, but champion stays.
+    write_params(proj, {"train": {"max_epochs": 1, "patches_per_epoch": 4, "batch_size": 4, "use_tuned": False,
+                                  "lr": 1e-5}})
+    out = run_cli(["dvc", "repro"], proj, check=True).stdout
+    second = json.loads((proj / "reports/register/registration.json").read_text())
+    assert second["version"] == 2 and second["test_iou"] < first["test_iou"]
+    assert not second["promoted"] and "kept previous champion" in out
+    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("emseg-unet", "challenger").version) == "2"
+    assert client.get_model_version("emseg-unet", "2").tags["decision"] == "kept previous champion"
+
+    # Promotion by hand.
+    run_cli(["emseg", "promote", "emseg-unet", "2", "--alias", "champion"], proj, check=True)
+    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == "2"
+    run_cli(["emseg", "promote", "emseg-unet", "1", "--alias", "champion"], proj, check=True)
+    bad = run_cli(["emseg", "promote", "emseg-unet", "9", "--alias", "champion"], proj)
+    assert bad.returncode == 1 and "has no version 9" in bad.stderr
+
+
+@pytest.mark.slow
+def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, shared):
+    proj, _ = repro_project
+    out = tmp_path / "isbi-pred"
+    proc = run_cli(["emseg", "predict", "--model", "models:/emseg-unet@champion",
+                    str(shared / "isbi2012" / "train-volume.tif"), str(out)], proj, check=True)
+    assert "predict: 30 slices of 512x512" in proc.stdout
+    import numpy as np
+    import tifffile
+
+    prob = tifffile.imread(out / "probabilities.tif")
+    inst = tifffile.imread(out / "instances.tif")
+    assert prob.shape == inst.shape == (30, 512, 512)
+    assert prob.dtype == np.uint8 and inst.dtype == np.uint32
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objects"] == len(np.unique(inst)) - 1  # labels unique through the stack
+    # A folder of 2D slices works too, and so does a local weights file.
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z in range(2):
+        tifffile.imwrite(folder / f"s{z}.tif", tifffile.imread(shared / "drosophila-vnc" / "stack1_raw.tif", key=z))
+    run_cli(["emseg", "predict", "--model", str(proj / "models" / "model.pt"), str(folder), str(tmp_path / "vnc")],
+            proj, check=True)
+    assert tifffile.imread(tmp_path / "vnc" / "instances.tif").shape == (2, 1024, 1024)
+
+    # MLflow's own serving path, pyfunc flavour, on a normalised EPFL crop.
+    crop = tifffile.imread(shared / "epfl-hippocampus" / "testing.tif", key=0)[:128, :160].astype(np.float32)
+    crop = (crop - crop.mean()) / crop.std()
+    (tmp_path / "input.json").write_text(json.dumps({"inputs": crop[None, None].tolist()}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"}
+    run_cli(["mlflow", "models", "predict", "-m", "models:/emseg-unet@champion", "-i", str(tmp_path / "input.json"),
+             "-t", "json", "-o", str(tmp_path / "served.json"), "--env-manager", "local"], proj, check=True, env=env)
+    served = json.loads((tmp_path / "served.json").read_text())
+    served = np.asarray(served.get("predictions", served))
+    assert served.shape == (1, 1, 128, 160) and 0 <= served.min() and served.max() <= 1
+
+
+@pytest.mark.slow
+def test_init_from_the_registry_loads_the_champion_weights(repro_project):
+    import torch
+
+    from emseg.config import InitParams, ModelParams, TrackingParams
+    from emseg.errors import EmsegError
+    from emseg.model.network import build_network, initialise, load_weights
+    from emseg.tracking import configure, download_weights
+
+    proj, _ = repro_project
+    configure(TrackingParams(), root=proj)
+    champion, _ = load_weights(download_weights("models:/emseg-unet@champion"))
+    net = build_network(ModelParams(decoder_channels=[64, 32, 16, 16, 8]))
+    desc = initialise(net, InitParams(mode="registry", uri="models:/emseg-unet@champion"))
+    assert desc.startswith("registry:models:/emseg-unet@champion")
+    for (k, a), b in zip(net.state_dict().items(), champion.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(EmsegError, match="models:/emseg-unet@nobody: not found in the model registry"):
+        initialise(net, InitParams(mode="registry", uri="models:/emseg-unet@nobody"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["no_model", "no_alias", "four_d", "rgb", "exists"])
+def test_predict_bad_input_is_one_line_and_changes_nothing(repro_project, tmp_path, case):
+    import numpy as np
+    import tifffile
+
+    proj, _ = repro_project
+    client = _client(proj)
+    versions_before = len(client.search_model_versions("name='emseg-unet'"))
+    stack = tmp_path / "in.tif"
+    tifffile.imwrite(stack, np.zeros((2, 64, 64), np.uint8) + np.arange(64, dtype=np.uint8))
+    out = tmp_path / "out"
+    model = "models:/emseg-unet@champion"
+    expect = {"no_model": "models:/nope@champion: not found in the model registry",
+              "no_alias": "models:/emseg-unet@gold: not found in the model registry",
+              "four_d": "expected a 2D slice or a 3D (z, y, x) grey stack, got 4D",
+              "rgb": "expected grey images, got 3 channels",
+              "exists": "out: already exists; choose another output or pass --overwrite"}[case]
+    if case == "no_model":
+        model = "models:/nope@champion"
+    elif case == "no_alias":
+        model = "models:/emseg-unet@gold"
+    elif case == "four_d":
+        tifffile.imwrite(stack, np.zeros((2, 2, 64, 64), np.uint8))
+    elif case == "rgb":
+        tifffile.imwrite(stack, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    proc = run_cli(["emseg", "predict", "--model", model, str(stack), str(out)], proj)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "%|" not in ln]
+    assert len(lines) == 1 and expect in lines[0], proc.stderr
+    if case == "exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.glob(".out*"))  # no temporary leftovers
+    assert len(client.search_model_versions("name='emseg-unet'")) == versions_before
 
 
 @pytest.mark.slow

@@ -91,12 +91,12 @@ def test_dvc_repro_push_pull_roundtrip(tmp_path):
     assert "up to date" in status.stdout.lower()
     manifest_sha = sha256_of(proj / "data" / "prepared" / "manifest.json")
     raw_sha = sha256_of(proj / "data" / "raw")
-    run_cli(["dvc", "push"], proj, check=True)
+    run_cli(["dvc", "push", "fetch", "prepare"], proj, check=True)
     # Lose the workspace data and the local cache; the remote alone must bring them back.
     shutil.rmtree(proj / "data" / "raw")
     shutil.rmtree(proj / "data" / "prepared")
     shutil.rmtree(proj / ".dvc" / "cache")
-    run_cli(["dvc", "pull"], proj, check=True)
+    run_cli(["dvc", "pull", "fetch", "prepare"], proj, check=True)
     assert sha256_of(proj / "data" / "prepared" / "manifest.json") == manifest_sha
     assert sha256_of(proj / "data" / "raw") == raw_sha
     assert "up to date" in run_cli(["dvc", "status", "prepare"], proj, check=True).stdout.lower()

@@ -16,13 +16,60 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="validate raw stacks, choose slices, write data/prepared")
     sub.add_parser("tune", help="Optuna study over learning rate and batch size (resumable)")
     sub.add_parser("train", help="train the network, track the run in MLflow")
+    sub.add_parser("evaluate", help="score the trained model on the test split, log to its MLflow run")
+    sub.add_parser("register", help="register the model; move alias champion only if its test IoU is better")
+    pr = sub.add_parser("promote", help="point an alias of a registered model at a version")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    pr.add_argument("--alias", required=True)
+    pd = sub.add_parser("predict", help="predict a TIFF stack or folder of slices with a trained model")
+    pd.add_argument("input", help="multi-page TIFF or folder of 2D TIFF/PNG slices")
+    pd.add_argument("output", help="new folder for probabilities.tif, instances.tif, summary.json")
+    pd.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a weights .pt file")
+    pd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    pd.add_argument("--tta", action="store_true", help="average over flips (slower, smoother)")
     return p
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from emseg import tracking
+    from emseg.config import load_params
+    from emseg.errors import OutputError
+    from emseg.predict import load_model, predict_to_folder
+
+    params = load_params(args.params) if Path(args.params).exists() else None
+    if Path(args.output).exists() and not args.overwrite:  # refuse before loading anything
+        raise OutputError(f"{args.output}: already exists; choose another output or pass --overwrite")
+    if args.model.startswith("models:/"):
+        from emseg.config import TrackingParams
+
+        tracking.configure(params.tracking if params else TrackingParams())
+    net, ref = load_model(args.model)
+    ev = params.evaluate if params else None
+    inference = ev.inference.model_copy(update={"tta": args.tta or ev.inference.tta}) if ev else None
+    kwargs = {"inference": inference, "instances": ev.instances} if ev else {}
+    s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
+                          threshold=params.train.threshold if params else 0.5, **kwargs)
+    print(f"predict: {s['shape'][0]} slices of {s['shape'][1]}x{s['shape'][2]}, {s['objects']} objects -> {args.output}")
 
 
 def _dispatch(args: argparse.Namespace) -> None:
     import importlib
 
-    importlib.import_module(f"emseg.stages.{args.command}").run(args.params)
+    if args.command == "predict":
+        _predict(args)
+    elif args.command == "promote":
+        from emseg import tracking
+        from emseg.config import load_params
+        from emseg.registry import promote
+
+        tracking.configure(load_params(args.params).tracking)
+        promote(args.name, args.version, args.alias)
+        print(f"promote: {args.name} version {args.version} now has alias {args.alias!r}")
+    else:
+        importlib.import_module(f"emseg.stages.{args.command}").run(args.params)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,6 +141,25 @@ class TuneParams(_Strict):
     heartbeat_s: Optional[PositiveInt] = 60
 
 
+class InstanceParams(_Strict):
+    min_size: Annotated[int, Field(ge=0)] = 30  # objects of fewer pixels are dropped
+    h: PositiveFloat = 2.0  # h-maxima depth (pixels of distance) that makes a separate seed
+    smooth: Annotated[float, Field(ge=0)] = 1.0
+
+
+class InferenceParams(_Strict):
+    tile: Annotated[int, Field(ge=64, multiple_of=32)] = 1024  # a slice that fits is predicted in one piece
+    overlap: Annotated[int, Field(ge=0)] = 128
+    batch_size: PositiveInt = 1
+    tta: bool = False  # average over flips (4x slower)
+
+
+class EvaluateParams(_Strict):
+    inference: InferenceParams = InferenceParams()
+    instances: InstanceParams = InstanceParams()
+    overlays: Annotated[int, Field(ge=0)] = 3
+
+
 class TrackingParams(_Strict):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns/artifacts"
@@ -154,6 +173,7 @@ class Params(_Strict):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     tune: TuneParams = TuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
 
 

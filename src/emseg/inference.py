@@ -1,10 +1,13 @@
-"""Prediction over whole slices (padded to the network's stride of 32).
+"""Prediction over 2D slices and 3D stacks: overlapping tiles, smooth blending, optional flip TTA.
 
-Overlapping, blended tiling over stacks larger than memory is the next step (issue: evaluate and
-predict); this whole-slice path is what training uses for validation overlays.
+Tiles overlap and each tile's probabilities are weighted by a window that falls off towards the
+tile's edges (where a convolutional network sees the least context), so the blend shows no seams.
+Stacks are processed slice by slice and written as they come, so a stack larger than memory works.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -12,11 +15,75 @@ import torch
 from emseg.data.patches import pad_to_multiple
 
 
+def _device(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
 @torch.no_grad()
 def predict_slice(net: torch.nn.Module, image: np.ndarray) -> np.ndarray:
-    """Foreground probability (float32, same shape) of one normalised 2D slice."""
+    """Foreground probability of one normalised 2D slice in a single pass (padded to a multiple of 32)."""
     net.eval()
     padded, (h, w) = pad_to_multiple(np.array(image, dtype=np.float32))
-    device = next(net.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(device)
+    x = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(_device(net))
     return torch.sigmoid(net(x))[0, 0, :h, :w].float().cpu().numpy()
+
+
+def _ramp(n: int, overlap: int) -> np.ndarray:
+    r = np.ones(n, np.float32)
+    if overlap > 0:
+        t = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+        edge = 0.5 - 0.5 * np.cos(np.pi * t)
+        r[:overlap] = edge
+        r[-overlap:] = edge[::-1]
+    return np.maximum(r, 1e-3)
+
+
+def blend_window(tile_h: int, overlap: int, tile_w: int | None = None) -> np.ndarray:
+    """Separable weight: 1 in the middle, a cosine ramp down to a small positive value over ``overlap``."""
+    return np.outer(_ramp(tile_h, overlap), _ramp(tile_w or tile_h, overlap))
+
+
+def tile_starts(length: int, tile: int, step: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+def _flips(x: torch.Tensor) -> Iterator[tuple[torch.Tensor, Callable]]:
+    yield x, lambda y: y
+    yield torch.flip(x, [-1]), lambda y: torch.flip(y, [-1])
+    yield torch.flip(x, [-2]), lambda y: torch.flip(y, [-2])
+    yield torch.flip(x, [-2, -1]), lambda y: torch.flip(y, [-2, -1])
+
+
+@torch.no_grad()
+def predict_tiled(net: torch.nn.Module, image: np.ndarray, tile: int = 1024, overlap: int = 128, batch_size: int = 1,
+                  tta: bool = False) -> np.ndarray:
+    """Foreground probability (float32, same shape) of one normalised 2D slice, tile by tile."""
+    if tile % 32 or overlap < 0 or overlap * 2 >= tile:
+        raise ValueError(f"tile must be a multiple of 32 and overlap in [0, tile/2), got {tile}, {overlap}")
+    net.eval()
+    h, w = np.shape(image)
+    image, _ = pad_to_multiple(np.array(image, dtype=np.float32))
+    H, W = image.shape
+    # A side that fits in one tile is predicted in one piece: no extra work for slices smaller than a tile.
+    th, tw = min(tile, H), min(tile, W)
+    ov = min(overlap, th // 2 - 1, tw // 2 - 1) if overlap else 0
+    win = blend_window(th, max(ov, 0), tw)
+    acc = np.zeros((H, W), np.float32)
+    wsum = np.zeros((H, W), np.float32)
+    coords = [(y, x) for y in tile_starts(H, th, th - ov) for x in tile_starts(W, tw, tw - ov)]
+    device = _device(net)
+    for i in range(0, len(coords), batch_size):
+        chunk = coords[i:i + batch_size]
+        x = torch.from_numpy(np.stack([image[y:y + th, x:x + tw] for y, x in chunk]))[:, None].to(device)
+        prob = torch.zeros_like(x)
+        views = list(_flips(x)) if tta else [(x, lambda y: y)]
+        for view, undo in views:
+            prob += undo(torch.sigmoid(net(view).float()))
+        prob = (prob / len(views))[:, 0].cpu().numpy()
+        for (y, xx), p in zip(chunk, prob):
+            acc[y:y + th, xx:xx + tw] += p * win
+            wsum[y:y + th, xx:xx + tw] += win
+    return (acc / wsum)[:h, :w]

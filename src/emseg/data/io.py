@@ -92,7 +92,7 @@ def inspect_stack(path: str | Path) -> StackInfo:
             raise DataError(f"{path}: folder holds no .tif/.tiff/.png slices")
         first = _read_2d_file(files[0])
         if first.ndim != 2:
-            raise DataError(f"{files[0]}: expected a 2D grey slice, got shape {first.shape}")
+            raise DataError(f"{files[0]}: expected a 2D grey slice, got shape {first.shape} (colour or multi-channel?)")
         return StackInfo(path, _check_dims(path, (len(files), *first.shape)), first.dtype, files)
     try:
         with _tifffile_warnings() as warnings, tifffile.TiffFile(path) as tf:
@@ -101,6 +101,9 @@ def inspect_stack(path: str | Path) -> StackInfo:
             series = tf.series[0]
             shape, dtype = tuple(series.shape), np.dtype(series.dtype)
             n_pages = len(tf.pages)
+            if "S" in series.axes:
+                raise DataError(f"{path}: expected grey images, got {shape[series.axes.index('S')]} channels "
+                                f"(axes {series.axes}, shape {shape})")
             by_page = len(tf.series) > 1 and len(shape) == 2
             if by_page:
                 if any(s.shape != series.shape or s.dtype != series.dtype for s in tf.series):

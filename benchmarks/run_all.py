@@ -1,0 +1,21 @@
+"""`make bench`: run every benchmark in turn; results land in bench-results/*.json (see docs/benchmarks.md).
+
+`make bench` runs them all (about 45 minutes on a 2-core CPU); `python benchmarks/run_all.py NAME...`
+runs those whose file name contains one of the NAMEs.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BENCHES = ["bench_prepare_memory.py", "bench_train_throughput.py", "bench_pruning.py", "bench_predict.py",
+           "bench_epfl_train.py"]
+
+if __name__ == "__main__":
+    only = sys.argv[1:]
+    for name in BENCHES:
+        if only and not any(o in name for o in only):
+            continue
+        print(f"== {name}", flush=True)
+        subprocess.run([sys.executable, str(HERE / name)], check=True)

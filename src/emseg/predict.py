@@ -1,0 +1,84 @@
+"""Predict a whole stack with a trained model: probability and instance label stacks, written as they come.
+
+Outputs, in a new folder: ``probabilities.tif`` (uint8, probability x 255), ``instances.tif``
+(uint32, 0 = background, labels unique through the stack) and ``summary.json``. The folder appears
+only when complete; an existing one is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from emseg.config import InferenceParams, InstanceParams
+from emseg.data.io import StackReader, inspect_stack
+from emseg.data.prepare import stack_stats
+from emseg.errors import OutputError
+from emseg.fsutil import atomic_dir, write_json
+from emseg.inference import predict_tiled
+from emseg.instances import split_instances
+from emseg.model.network import SegmentationNet, load_weights
+
+
+def predict_stack_iter(net, slices, progress: bool, total: int, inference: InferenceParams):
+    """Yield the probability of each slice as it is predicted, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    for sl in tqdm(slices, total=total, desc="predict", unit="slice", disable=not progress):
+        yield predict_tiled(net, sl, **inference.model_dump())
+
+
+def load_model(ref: str) -> tuple[SegmentationNet, str]:
+    """A network from a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a local weights file."""
+    if ref.startswith("models:/"):
+        from emseg.tracking import download_weights
+
+        path = download_weights(ref)
+    else:
+        path = Path(ref)
+    net, _ = load_weights(path)
+    return net.eval(), str(ref)
+
+
+def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str | Path, *, overwrite: bool = False,
+                      inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
+                      threshold: float = 0.5, model_ref: str = "", progress: bool = True) -> dict:
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output}: already exists; choose another output or pass --overwrite")
+    info = inspect_stack(input_path)
+    mean, std = stack_stats(info)  # the stack is normalised by its own statistics, as in training
+    n, h, w = info.shape
+    state = {"next_label": 0}
+    tiff = {"compression": "zlib", "photometric": "minisblack"}
+    with atomic_dir(output) as tmp, StackReader(info) as reader:
+        # Probabilities stream straight into their TIFF; instance labels go to a memory map on disk
+        # first (one compressed TIFF series is written from one iterator), then stream into theirs.
+        labels_mm = np.lib.format.open_memmap(tmp / "instances.npy", mode="w+", dtype=np.uint32, shape=(n, h, w))
+
+        def normalised():
+            for z in range(n):
+                yield (reader.read(z).astype(np.float32) - mean) / std
+
+        def probability_pages():
+            for z, prob in enumerate(predict_stack_iter(net, normalised(), progress, n, inference)):
+                labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)
+                k = int(labels.max())
+                labels_mm[z] = np.where(labels > 0, labels + np.uint32(state["next_label"]), 0)
+                state["next_label"] += k
+                yield np.round(prob * 255).astype(np.uint8)
+
+        with tifffile.TiffWriter(tmp / "probabilities.tif") as tw:
+            tw.write(probability_pages(), shape=(n, h, w), dtype=np.uint8, **tiff)
+        labels_mm.flush()
+        with tifffile.TiffWriter(tmp / "instances.tif") as tw:
+            tw.write((labels_mm[z] for z in range(n)), shape=(n, h, w), dtype=np.uint32, **tiff)
+        del labels_mm
+        (tmp / "instances.npy").unlink()
+        summary = {"input": str(input_path), "model": model_ref, "shape": [n, h, w], "objects": state["next_label"],
+                   "threshold": threshold, "normalisation": {"mean": mean, "std": std},
+                   "outputs": {"probabilities.tif": "uint8, probability x 255", "instances.tif": "uint32 labels"}}
+        write_json(tmp / "summary.json", summary)
+    return summary

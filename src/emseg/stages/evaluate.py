@@ -1,0 +1,56 @@
+"""DVC stage `evaluate`: score models/model.pt on the test split; write reports/evaluate/, log to the training run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from emseg import tracking
+from emseg.config import load_params
+from emseg.data.prepare import load_split
+from emseg.evaluate import evaluate_stack
+from emseg.fsutil import staged_files, write_json
+from emseg.model.network import load_weights
+from emseg.plots import plot_overlays
+from emseg.stages.prepare import PREPARED_DIR
+from emseg.stages.train import MODEL_DIR
+from emseg.stages.train import REPORT_DIR as TRAIN_REPORTS
+
+REPORT_DIR = "reports/evaluate"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
+    import mlflow
+
+    params = load_params(params_path)
+    net, _ = load_weights(Path(MODEL_DIR) / "model.pt")
+    images, labels = load_split(prepared_dir, "test")
+    ev = evaluate_stack(net, images, labels, params.evaluate, params.train.threshold, keep=params.evaluate.overlays)
+    m = ev.metrics
+    with staged_files(REPORT_DIR) as rep:
+        write_json(rep / "metrics.json", m)
+        _write_csv(rep / "per_slice.csv", ev.per_slice)
+        _write_csv(rep / "pr_curve.csv", ev.pr_curve)
+        if ev.examples:
+            plot_overlays([images[i] for i, _ in ev.examples], [labels[i] for i, _ in ev.examples],
+                          [p for _, p in ev.examples], rep / "overlays.png", params.train.threshold,
+                          titles=[f"test slice {i}: green truth, magenta prediction" for i, _ in ev.examples])
+        run_id = json.loads((Path(TRAIN_REPORTS) / "run.json").read_text())["run_id"]
+        tracking.configure(params.tracking)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items() if k not in ("slices", "threshold")})
+            for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "overlays.png"):
+                if (rep / f).exists():
+                    mlflow.log_artifact(str(rep / f), artifact_path="evaluation")
+    print(f"evaluate: {m['slices']} test slices, foreground IoU {m['iou']:.3f}, Dice {m['dice']:.3f}, "
+          f"instance F1 {m['instance_f1']:.3f} (connected components {m['instance_f1_connected']:.3f}), "
+          f"{m['splits']} splits, {m['merges']} merges -> {REPORT_DIR}/metrics.json; logged to run {run_id}")
+    return m

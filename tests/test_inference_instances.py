@@ -1,0 +1,105 @@
+"""Tiled blended prediction and watershed instance splitting, with their metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+
+from conftest import SMALL_GENERATED
+from emseg.config import parse_params
+from emseg.data.prepare import load_split, prepare
+from emseg.data.sources import fetch_raw
+from emseg.inference import blend_window, predict_slice, predict_tiled
+from emseg.instances import connected_instances, instance_scores, match_instances, split_instances
+from emseg.model.train import fit
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inf")
+    raw = {**SMALL_GENERATED, "data": {**SMALL_GENERATED["data"],
+                                       "generated": {"slices": 5, "test_slices": 2, "height": 384, "width": 448}},
+           "model": {"decoder_channels": [64, 32, 16, 16, 8]},
+           "train": {"patch_size": 128, "patches_per_epoch": 64, "batch_size": 8, "max_epochs": 4, "lr": 0.003}}
+    params = parse_params(raw)
+    fetch_raw(params.data, d / "raw")
+    prepare(params.data, d / "raw", d / "prep")
+    res = fit(params, d / "prep", d / "work", lr=0.003, batch_size=8, progress=False)
+    x, y = load_split(d / "prep", "test")
+    return res.net, np.asarray(x[0]), np.asarray(y[0])
+
+
+def test_tiled_matches_whole_image_away_from_borders_and_hides_seams(trained):
+    net, image, _ = trained
+    whole = predict_slice(net, image)
+    tiled = predict_tiled(net, image, tile=128, overlap=32, batch_size=4)
+    naive = predict_tiled(net, image, tile=128, overlap=0, batch_size=4)  # butted tiles, no blending
+    assert tiled.shape == whole.shape == image.shape
+    inner = (slice(32, -32), slice(32, -32))
+    err_blend = np.abs(tiled - whole)[inner]
+    err_naive = np.abs(naive - whole)[inner]
+    assert err_blend.mean() < 0.02
+    # Along the naive tiling's edges (every 128 px) the butted tiles disagree with the whole-image
+    # prediction far more than the blended ones do.
+    edges = np.zeros(image.shape, bool)
+    for k in range(128, image.shape[0], 128):
+        edges[k - 3:k + 3, :] = True
+    for k in range(128, image.shape[1], 128):
+        edges[:, k - 3:k + 3] = True
+    edges[:32], edges[-32:], edges[:, :32], edges[:, -32:] = False, False, False, False
+    assert np.abs(naive - whole)[edges].mean() > 2 * np.abs(tiled - whole)[edges].mean()
+    assert err_naive.max() > err_blend.max()
+
+
+def test_tta_and_small_images(trained):
+    net, image, _ = trained
+    small = image[:70, :90]  # smaller than a tile and not a multiple of 32
+    p = predict_tiled(net, small, tile=128, overlap=32, tta=True)
+    assert p.shape == (70, 90) and np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1
+
+
+def test_blend_window_is_positive_and_peaks_in_the_middle():
+    w = blend_window(128, 32)
+    assert w.min() > 0 and w[64, 64] == 1.0 and w[0, 0] < 0.01
+
+
+def _touching_pair(shape=(120, 160)):
+    mask = np.zeros(shape, bool)
+    truth = np.zeros(shape, np.uint32)
+    for k, (cy, cx) in enumerate([(60, 50), (60, 86)], start=1):  # two discs of radius 20 that touch
+        rr, cc = disk((cy, cx), 20, shape=shape)
+        mask[rr, cc] = True
+        truth[rr, cc] = k
+    rr, cc = disk((30, 135), 10, shape=shape)  # and a separate small one
+    mask[rr, cc] = True
+    truth[rr, cc] = 3
+    return mask, truth
+
+
+def test_watershed_splits_touching_objects_that_components_merge():
+    mask, truth = _touching_pair()
+    prob = mask.astype(np.float32) * 0.9
+    cc = connected_instances(mask)
+    ws = split_instances(prob, 0.5, min_size=20)
+    assert cc.max() == 2 and ws.max() == 3 and ws.dtype == np.uint32
+    m_cc, m_ws = match_instances(truth, cc), match_instances(truth, ws)
+    assert m_cc["merges"] == 1 and m_cc["fn"] >= 1  # the merged pair costs at least one true object
+    assert m_ws == {"tp": 3, "fp": 0, "fn": 0, "splits": 0, "merges": 0}
+    assert instance_scores(m_ws)["instance_f1"] == 1.0 > instance_scores(m_cc)["instance_f1"]
+
+
+def test_an_elongated_object_is_not_oversplit_and_splits_are_counted():
+    yy, xx = np.mgrid[0:100, 0:200]
+    ellipse = ((yy - 50) ** 2 / 15**2 + (xx - 100) ** 2 / 70**2) < 1
+    assert split_instances(ellipse.astype(np.float32), 0.5).max() == 1
+    thirds = np.where(ellipse, np.digitize(xx, [77, 123]) + 1, 0)  # cut into three pieces, each < half
+    m = match_instances(ellipse.astype(np.uint32), thirds)
+    assert m == {"tp": 0, "fp": 3, "fn": 1, "splits": 1, "merges": 0}
+
+
+def test_min_size_drops_specks():
+    prob = np.zeros((50, 50), np.float32)
+    prob[10:30, 10:30] = 1
+    prob[40, 40] = 1
+    assert split_instances(prob, min_size=5).max() == 1
