@@ -42,7 +42,7 @@ with StackReader(info) as r, tifffile.TiffWriter(sys.argv[5]) as tw:
 
 def main() -> None:
     weights = sys.argv[1] if len(sys.argv) > 1 else "-"
-    n = 82
+    n = 24  # the first 24 of the 82 slices: enough for stable ratios, short enough for make bench
     tmp = Path(tempfile.mkdtemp())
     script = tmp / "predict_bench.py"
     script.write_text(SCRIPT)
