@@ -61,21 +61,18 @@ def _plots(study, out: Path) -> list[Path]:
     import optuna
 
     written = []
-    ax = optuna.visualization.matplotlib.plot_optimization_history(study)
-    ax.figure.set_size_inches(7, 4)
-    ax.figure.tight_layout()
-    ax.figure.savefig(out / "optimization_history.png", dpi=90)
-    plt.close(ax.figure)
-    written.append(out / "optimization_history.png")
-    try:
-        ax = optuna.visualization.matplotlib.plot_param_importances(study)
-        ax.figure.set_size_inches(7, 3)
+    figures = (("optimization_history.png", optuna.visualization.matplotlib.plot_optimization_history, (7, 4)),
+               ("param_importances.png", optuna.visualization.matplotlib.plot_param_importances, (7, 3)))
+    for name, plot, size in figures:
+        try:
+            ax = plot(study)
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            continue  # importances need at least two finished trials with different values
+        ax.figure.set_size_inches(*size)
         ax.figure.tight_layout()
-        ax.figure.savefig(out / "param_importances.png", dpi=90)
+        ax.figure.savefig(out / name, dpi=90)
         plt.close(ax.figure)
-        written.append(out / "param_importances.png")
-    except (RuntimeError, ValueError, ZeroDivisionError):
-        pass  # importances need at least two finished trials with different values
+        written.append(out / name)
     return written
 
 
