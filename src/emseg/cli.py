@@ -36,12 +36,10 @@ def _predict(args: argparse.Namespace) -> None:
 
     from emseg import tracking
     from emseg.config import load_params
-    from emseg.errors import OutputError
-    from emseg.predict import load_model, predict_to_folder
+    from emseg.predict import load_model, predict_to_folder, refuse_existing
 
     params = load_params(args.params) if Path(args.params).exists() else None
-    if Path(args.output).exists() and not args.overwrite:  # refuse before loading anything
-        raise OutputError(f"{args.output}: already exists; choose another output or pass --overwrite")
+    refuse_existing(args.output, args.overwrite)  # before loading anything
     if args.model.startswith("models:/"):
         from emseg.config import TrackingParams
 

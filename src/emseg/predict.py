@@ -22,6 +22,11 @@ from emseg.instances import split_instances
 from emseg.model.network import SegmentationNet, load_weights
 
 
+def refuse_existing(output: str | Path, overwrite: bool) -> None:
+    if Path(output).exists() and not overwrite:
+        raise OutputError(f"{output}: already exists; choose another output or pass --overwrite")
+
+
 def predict_stack_iter(net, slices, progress: bool, total: int, inference: InferenceParams):
     """Yield the probability of each slice as it is predicted, with a progress bar."""
     from tqdm.auto import tqdm
@@ -46,8 +51,7 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
                       inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
                       threshold: float = 0.5, model_ref: str = "", progress: bool = True) -> dict:
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output}: already exists; choose another output or pass --overwrite")
+    refuse_existing(output, overwrite)
     info = inspect_stack(input_path)
     mean, std = stack_stats(info)  # the stack is normalised by its own statistics, as in training
     n, h, w = info.shape

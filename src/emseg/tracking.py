@@ -15,7 +15,8 @@ from emseg.config import TrackingParams
 from emseg.errors import EmsegError
 
 
-def _absolute_sqlite(uri: str, root: Path) -> str:
+def absolute_sqlite(uri: str, root: Path) -> str:
+    """A relative sqlite:/// URL made absolute against ``root`` (its folder created); other URLs as given."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         path = (root / uri[len(prefix):]).resolve()
@@ -30,7 +31,7 @@ def configure(cfg: TrackingParams, root: str | Path = ".") -> str:
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     root = Path(root).resolve()
-    uri = _absolute_sqlite(cfg.tracking_uri, root)
+    uri = absolute_sqlite(cfg.tracking_uri, root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:

@@ -44,13 +44,12 @@ class SegmentationNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.net.encoder(x)
-        dec = self.net.decoder(feats) if _decoder_takes_list() else self.net.decoder(*feats)
+        dec = self.net.decoder(feats) if _DECODER_TAKES_LIST else self.net.decoder(*feats)
         return self.net.segmentation_head(self.dropout(dec))
 
 
-def _decoder_takes_list() -> bool:
-    # smp 0.5+ decoders take the feature list; older ones took *features.
-    return tuple(int(v) for v in smp.__version__.split(".")[:2]) >= (0, 5)
+# smp 0.5+ decoders take the feature list; older ones took *features. Decided once, not per forward.
+_DECODER_TAKES_LIST = tuple(int(v) for v in smp.__version__.split(".")[:2]) >= (0, 5)
 
 
 class ProbabilityModel(nn.Module):

@@ -42,11 +42,9 @@ def _storage(params):
 
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
-    url = params.tune.storage
-    if url.startswith("sqlite:///") and not url[len("sqlite:///"):].startswith("/"):
-        path = Path(url[len("sqlite:///"):]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = "sqlite:///" + str(path)
+    from emseg.tracking import absolute_sqlite
+
+    url = absolute_sqlite(params.tune.storage, Path.cwd())
     hb = params.tune.heartbeat_s
     kwargs = {"heartbeat_interval": hb, "grace_period": 2 * hb,
               "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2)} if hb else {}
