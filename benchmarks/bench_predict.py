@@ -10,6 +10,7 @@ Run: .venv/bin/python benchmarks/bench_predict.py [weights.pt]
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -42,7 +43,7 @@ with StackReader(info) as r, tifffile.TiffWriter(sys.argv[5]) as tw:
 
 def main() -> None:
     weights = sys.argv[1] if len(sys.argv) > 1 else "-"
-    n = 24  # the first 24 of the 82 slices: enough for stable ratios, short enough for make bench
+    n = int(os.environ.get("EMSEG_BENCH_SLICES", "82"))  # the whole testing.tif by default
     tmp = Path(tempfile.mkdtemp())
     script = tmp / "predict_bench.py"
     script.write_text(SCRIPT)

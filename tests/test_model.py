@@ -136,3 +136,43 @@ def test_short_training_predicts_right_in_eval_mode_and_repeats(small_prepared, 
     assert all({"train_loss", "val_loss", "train_iou", "val_iou", "train_acc", "val_acc"} <= set(r) for r in res.history)
     again = fit(params, small_prepared, tmp_path / "b", lr=3e-3, batch_size=8, progress=False)
     assert again.history[0]["train_loss"] == pytest.approx(res.history[0]["train_loss"], rel=1e-4)
+
+
+def test_input_scale_runs_the_network_at_lower_resolution_and_exports(tmp_path):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    half = build_network(SMALL_MODEL.model_copy(update={"input_scale": 0.5})).eval()
+    full = build_network(SMALL_MODEL).eval()
+    full.load_state_dict(half.state_dict())
+    x = torch.randn(1, 1, 256, 320)
+    with torch.no_grad():
+        y = half(x)
+        # Same as: resample to half size, run the unscaled network, resample the logits back.
+        small = F.interpolate(x, size=(128, 160), mode="bilinear", antialias=True, align_corners=False)
+        expected = F.interpolate(full(small), size=(256, 320), mode="bilinear", align_corners=False)
+        assert y.shape == x.shape and torch.allclose(y, expected, atol=1e-5)
+        assert not torch.allclose(y, full(x), atol=1e-3)  # and not the full-resolution network
+        assert half(torch.randn(1, 1, 100, 130)).shape == (1, 1, 100, 130)  # any size comes back whole
+    # Saved and reloaded, the scale travels with the weights (evaluate, predict and serving apply it).
+    save_weights(half, tmp_path / "half.pt")
+    from emseg.model.network import load_weights
+
+    again, _ = load_weights(tmp_path / "half.pt")
+    assert again.spec["input_scale"] == 0.5
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), y, atol=1e-6)
+    # torch.export (MLflow's pt2 flavour, Dim.AUTO like MLflow) keeps batch, height and width dynamic.
+    from emseg.model.network import ProbabilityModel
+    from emseg.tracking import export_example
+
+    served = ProbabilityModel(half).eval()
+    auto = torch.export.Dim.AUTO
+    program = torch.export.export(served, (torch.from_numpy(export_example(half)),),
+                                  dynamic_shapes=({0: auto, 2: auto, 3: auto},))
+    z = torch.randn(3, 1, 192, 256)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(z), served(z), atol=1e-5)
+    # A patch that leaves the network too few pixels is refused up front, naming both keys.
+    with pytest.raises(EmsegError, match="train.patch_size: 32 px at model.input_scale 0.5 leaves 16 px"):
+        parse_params({"model": {"input_scale": 0.5}, "train": {"patch_size": 32}})

@@ -135,6 +135,17 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     assert prob.dtype == np.uint8 and inst.dtype == np.uint32
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objects"] == len(np.unique(inst)) - 1  # labels unique through the stack
+    # The OME-Zarr option: the same two stacks, chunked, as an OME-NGFF image with a label image.
+    import zarr
+
+    run_cli(["emseg", "predict", "--format", "ome-zarr", "--model", str(proj / "models" / "model.pt"),
+             str(shared / "isbi2012" / "train-volume.tif"), str(tmp_path / "isbi-zarr")], proj, check=True)
+    root = zarr.open_group(str(tmp_path / "isbi-zarr" / "prediction.ome.zarr"), mode="r")
+    assert root.attrs["multiscales"][0]["datasets"][0]["path"] == "0"
+    assert list(root["labels"].attrs["labels"]) == ["instances"]
+    assert root["labels/instances"].attrs["image-label"]["source"]["image"] == "../../"
+    assert np.array_equal(root["0"][:], prob) and np.array_equal(root["labels/instances/0"][:], inst)
+    assert json.loads((tmp_path / "isbi-zarr" / "summary.json").read_text())["objects"] == summary["objects"]
     # A folder of 2D slices works too, and so does a local weights file.
     folder = tmp_path / "slices"
     folder.mkdir()

@@ -24,10 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--alias", required=True)
     pd = sub.add_parser("predict", help="predict a TIFF stack or folder of slices with a trained model")
     pd.add_argument("input", help="multi-page TIFF or folder of 2D TIFF/PNG slices")
-    pd.add_argument("output", help="new folder for probabilities.tif, instances.tif, summary.json")
+    pd.add_argument("output", help="new folder for the predicted stacks and summary.json")
     pd.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a weights .pt file")
     pd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pd.add_argument("--tta", action="store_true", help="average over flips (slower, smoother)")
+    pd.add_argument("--format", choices=("tiff", "ome-zarr"), default="tiff", dest="fmt",
+                    help="tiff (default): probabilities.tif + instances.tif; ome-zarr: one chunked "
+                         "prediction.ome.zarr (OME-NGFF 0.4) for large stacks")
     return p
 
 
@@ -49,7 +52,7 @@ def _predict(args: argparse.Namespace) -> None:
     inference = ev.inference.model_copy(update={"tta": args.tta or ev.inference.tta}) if ev else None
     kwargs = {"inference": inference, "instances": ev.instances} if ev else {}
     s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
-                          threshold=params.train.threshold if params else 0.5, **kwargs)
+                          threshold=params.train.threshold if params else 0.5, fmt=args.fmt, **kwargs)
     print(f"predict: {s['shape'][0]} slices of {s['shape'][1]}x{s['shape'][2]}, {s['objects']} objects -> {args.output}")
 
 

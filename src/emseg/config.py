@@ -76,6 +76,10 @@ class ModelParams(_Strict):
     # running statistics lag far behind and eval-mode predictions collapse. 0.1 is PyTorch's default.
     bn_momentum: Optional[Annotated[float, Field(gt=0, le=1)]] = 0.1
     dropout: Probability = 0.0  # dropout before the segmentation head (MC dropout for active learning)
+    # The network sees the image resampled by this factor (0.5: half resolution, 4x fewer pixels, twice
+    # the field of view per pixel) and returns logits at the input's own size. Part of the saved
+    # model, so evaluation, `emseg predict` and MLflow serving all apply it; patches stay in input pixels.
+    input_scale: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
 class InitParams(_Strict):
@@ -197,9 +201,14 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+    scaled = params.train.patch_size * params.model.input_scale
+    if scaled < 32:
+        raise ConfigError(f"{source}: train.patch_size: {params.train.patch_size} px at model.input_scale "
+                          f"{params.model.input_scale:g} leaves {scaled:g} px for the network; expected at least 32")
+    return params
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

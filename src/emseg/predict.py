@@ -1,8 +1,12 @@
 """Predict a whole stack with a trained model: probability and instance label stacks, written as they come.
 
 Outputs, in a new folder: ``probabilities.tif`` (uint8, probability x 255), ``instances.tif``
-(uint32, 0 = background, labels unique through the stack) and ``summary.json``. The folder appears
-only when complete; an existing one is refused unless ``overwrite``.
+(uint32, 0 = background, labels unique through the stack) and ``summary.json``. With
+``fmt="ome-zarr"`` the two stacks go instead to one chunked ``prediction.ome.zarr`` (OME-NGFF 0.4,
+Zarr v2 layout, readable by napari, Fiji/MoBIE and ome-zarr-py): the probabilities are the image,
+the instances its label image ``labels/instances``; every slice is written as soon as it is
+predicted, so neither stack is ever held in memory. The folder appears only when complete; an
+existing one is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -47,16 +51,53 @@ def load_model(ref: str) -> tuple[SegmentationNet, str]:
     return net.eval(), str(ref)
 
 
+FORMATS = ("tiff", "ome-zarr")
+
+
+def _ngff_multiscales(name: str) -> list[dict]:
+    axes = [{"name": a, "type": "space"} for a in "zyx"]
+    return [{"version": "0.4", "name": name, "axes": axes,
+             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]
+
+
+def _write_ome_zarr(path: Path, shape: tuple[int, int, int], pages) -> None:
+    """Stream (probability uint8, labels uint32) slice pairs into an OME-NGFF 0.4 image + label image."""
+    import zarr
+
+    n, h, w = shape
+    chunks = (1, min(h, 1024), min(w, 1024))  # one slice per chunk row: written as predicted
+    ngff_keys = {"name": "v2", "separator": "/"}  # NGFF 0.4 wants nested chunk keys
+    root = zarr.open_group(str(path), mode="w-", zarr_format=2)
+    root.attrs["multiscales"] = _ngff_multiscales("probabilities")
+    prob = root.create_array("0", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
+                             chunk_key_encoding=ngff_keys)
+    labels = root.create_group("labels")
+    labels.attrs["labels"] = ["instances"]
+    inst_group = labels.create_group("instances")
+    inst_group.attrs["multiscales"] = _ngff_multiscales("instances")
+    inst_group.attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
+    inst = inst_group.create_array("0", shape=shape, chunks=chunks, dtype="uint32", fill_value=0,
+                                   chunk_key_encoding=ngff_keys)
+    for z, (p, lab) in enumerate(pages):
+        prob[z] = p
+        inst[z] = lab
+
+
 def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str | Path, *, overwrite: bool = False,
                       inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
-                      threshold: float = 0.5, model_ref: str = "", progress: bool = True) -> dict:
+                      threshold: float = 0.5, model_ref: str = "", progress: bool = True, fmt: str = "tiff") -> dict:
     output = Path(output)
+    if fmt not in FORMATS:
+        raise OutputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     refuse_existing(output, overwrite)
     info = inspect_stack(input_path)
     mean, std = stack_stats(info)  # the stack is normalised by its own statistics, as in training
     n, h, w = info.shape
     state = {"next_label": 0}
     tiff = {"compression": "zlib", "photometric": "minisblack"}
+    if fmt == "ome-zarr":
+        return _predict_to_zarr(net, info, output, mean, std, state, inference, instances, threshold, model_ref,
+                                progress)
     with atomic_dir(output) as tmp, StackReader(info) as reader:
         # Probabilities stream straight into their TIFF; instance labels go to a memory map on disk
         # first (one compressed TIFF series is written from one iterator), then stream into theirs.
@@ -84,5 +125,30 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
         summary = {"input": str(input_path), "model": model_ref, "shape": [n, h, w], "objects": state["next_label"],
                    "threshold": threshold, "normalisation": {"mean": mean, "std": std},
                    "outputs": {"probabilities.tif": "uint8, probability x 255", "instances.tif": "uint32 labels"}}
+        write_json(tmp / "summary.json", summary)
+    return summary
+
+
+def _predict_to_zarr(net, info, output: Path, mean: float, std: float, state: dict, inference, instances,
+                     threshold: float, model_ref: str, progress: bool) -> dict:
+    n, h, w = info.shape
+    with atomic_dir(output) as tmp, StackReader(info) as reader:
+        def normalised():
+            for z in range(n):
+                yield (reader.read(z).astype(np.float32) - mean) / std
+
+        def pages():
+            for prob in predict_stack_iter(net, normalised(), progress, n, inference):
+                labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)
+                k = int(labels.max())
+                labels = np.where(labels > 0, labels + np.uint32(state["next_label"]), 0).astype(np.uint32)
+                state["next_label"] += k
+                yield np.round(prob * 255).astype(np.uint8), labels
+
+        _write_ome_zarr(tmp / "prediction.ome.zarr", (n, h, w), pages())
+        summary = {"input": str(info.path), "model": model_ref, "shape": [n, h, w], "objects": state["next_label"],
+                   "threshold": threshold, "normalisation": {"mean": mean, "std": std},
+                   "outputs": {"prediction.ome.zarr": "OME-NGFF 0.4: image 0 = probability x 255 (uint8), "
+                                                      "labels/instances/0 = uint32 instance labels"}}
         write_json(tmp / "summary.json", summary)
     return summary

@@ -92,6 +92,17 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("torch", "segmentation-models-pytorch", "timm", "numpy", "emseg")]
 
 
+def export_example(net):
+    """Input example for torch.export: batch 2 and unequal sides, so every dimension stays dynamic;
+    the sides leave the encoder a bottleneck of at least 2x3 after ``model.input_scale`` (torch.export
+    specialises size-1 dimensions)."""
+    import numpy as np
+
+    scale = float(net.spec.get("input_scale", 1.0))
+    side = [int(np.ceil(s / scale / 32) * 32) for s in (64, 96)]
+    return np.zeros((2, 1, *side), np.float32)
+
+
 def log_model(net):
     """Log the network (pyfunc + pytorch flavours, signature, input example) and a safe weights file.
 
@@ -106,8 +117,7 @@ def log_model(net):
     from emseg.model.network import ProbabilityModel, save_weights
 
     served = ProbabilityModel(net).eval()
-    # Batch 2 and unequal sides, so torch.export keeps every dimension dynamic.
-    example = np.zeros((2, 1, 64, 96), np.float32)
+    example = export_example(net)
     spec = TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))
     signature = ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]))
     info = mlflow.pytorch.log_model(served, name="model", signature=signature, input_example=example,

@@ -8,11 +8,13 @@ channel (logits). It never downloads anything: ImageNet weights come only from a
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from emseg.config import InitParams, ModelParams
@@ -43,6 +45,19 @@ class SegmentationNet(nn.Module):
         return self.net.encoder(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = float(self.spec.get("input_scale", 1.0))
+        if scale == 1.0:
+            return self._logits(x)
+        # Resample to the nearest sizes that are multiples of 32 (the encoder halves the size 5 times):
+        # integer arithmetic only, so torch.export keeps height and width dynamic.
+        num, den = Fraction(scale).limit_denominator(64).as_integer_ratio()
+        h, w = x.shape[-2:]
+        sh = (h * num + den * 16) // (den * 32) * 32
+        sw = (w * num + den * 16) // (den * 32) * 32
+        small = F.interpolate(x, size=(sh, sw), mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(self._logits(small), size=(h, w), mode="bilinear", align_corners=False)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.net.encoder(x)
         dec = self.net.decoder(feats) if _DECODER_TAKES_LIST else self.net.decoder(*feats)
         return self.net.segmentation_head(self.dropout(dec))
