@@ -24,5 +24,10 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+
+# The MLflow UI for a person, on this machine only unless UI_HOST says otherwise.
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port 5000
+	@echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)/#/experiments?workflowType=machine_learning  (Ctrl-C stops it)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host $(UI_HOST) --port $(UI_PORT)

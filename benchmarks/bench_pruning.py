@@ -40,8 +40,9 @@ def main() -> None:
     with_p, without = study(True), study(False)
     save("pruning", {
         "command": ".venv/bin/python benchmarks/bench_pruning.py",
-        "setup": f"{N_TRIALS} trials x up to {EPOCHS} epochs, TPE seed 42, MedianPruner(n_startup_trials=2, "
-                 "n_warmup_steps=1), generated data 256x320, patch 96, 32 patches per epoch",
+        "setup": f"{N_TRIALS} trials x up to {EPOCHS} epochs, TPE seed 42, MedianPruner from params.yaml "
+                 "(tune.prune_after_epochs, tune.prune_startup_trials), generated data 256x320, patch 96, "
+                 "32 patches per epoch",
         "with_pruning": with_p, "without_pruning": without,
         "epoch_saving": round(1 - with_p["epochs_trained"] / without["epochs_trained"], 3),
         "best_value_difference": round(with_p["best_val_iou"] - without["best_val_iou"], 4),

@@ -75,3 +75,20 @@ def make_project(dest: Path, git: bool = True) -> Path:
 
 SMALL_GENERATED = {"data": {"source": "generated", "train_slices": 3, "val_slices": 1,
                             "generated": {"slices": 5, "test_slices": 2, "height": 256, "width": 320}}}
+
+
+TINY = {
+    **SMALL_GENERATED,
+    "model": {"decoder_channels": [64, 32, 16, 16, 8]},
+    "train": {"patch_size": 96, "patches_per_epoch": 32, "batch_size": 8, "max_epochs": 3},
+    "tune": {"n_trials": 2, "epochs_per_trial": 1, "batch_sizes": [4, 8], "heartbeat_s": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def repro_project(tmp_path_factory):
+    """One tiny `dvc repro` of the whole pipeline, shared by the pipeline and the MLflow UI tests."""
+    proj = make_project(tmp_path_factory.mktemp("e2e") / "proj")
+    write_params(proj, TINY)
+    proc = run_cli(["dvc", "repro"], proj, check=True)
+    return proj, proc

@@ -155,3 +155,71 @@ def test_good_run_after_bad_one_replaces_nothing_it_should_not(project):
     proc = run_cli(["emseg", "prepare"], project)
     assert proc.returncode == 1 and "outside the stack" in proc.stderr
     assert (project / "data" / "prepared" / "manifest.json").read_bytes() == before
+
+
+def test_nan_in_image(project, tmp_path):
+    img, lab = _stacks()
+    img = img.astype(np.float32)
+    img[1, 10:20, 10:20] = np.nan
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "lab.tif", lab)
+    _tiff_source(project, tmp_path / "img.tif", tmp_path / "lab.tif")
+    _fails_cleanly(project, "img.tif slice 1: image holds NaN or infinite values")
+
+
+def test_ignore_value_covering_everything(project, tmp_path):
+    img, lab = _stacks()
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "lab.tif", np.full_like(lab, 128))
+    _tiff_source(project, tmp_path / "img.tif", tmp_path / "lab.tif", ignore_value=128)
+    _fails_cleanly(project, "every pixel of the train slices [0, 3] is the ignore value")
+
+
+@pytest.mark.parametrize("updates, expect", [
+    ({"train": {"lr": 0}}, "params.yaml: train.lr: Input should be greater than 0 (got 0)"),
+    ({"train": {"lr": -0.001}}, "params.yaml: train.lr: Input should be greater than 0 (got -0.001)"),
+    ({"train": {"batch_size": 0}}, "params.yaml: train.batch_size: Input should be greater than 0 (got 0)"),
+    ({"tune": {"batch_sizes": [4, -8]}}, "params.yaml: tune.batch_sizes.1: Input should be greater than 0"),
+])
+def test_non_positive_learning_rate_or_batch_size(project, updates, expect):
+    write_params(project, updates)
+    _fails_cleanly(project, expect, stages=("fetch",))
+
+
+@pytest.mark.parametrize("updates, expect", [
+    ({"train": {"patch_size": 512}}, "params.yaml: train.patch_size: 512 is larger than the slices (256x320)"),
+    ({"model": {"encoder": "efficientnet-b99"}}, "params.yaml: model.encoder: 'efficientnet-b99' is not an encoder"),
+])
+def test_training_settings_that_cannot_work_stop_train_before_it_writes(project, updates, expect):
+    write_params(project, {**SMALL_GENERATED, "train": {"use_tuned": False}})
+    run_cli(["emseg", "fetch"], project, check=True)
+    run_cli(["emseg", "prepare"], project, check=True)
+    write_params(project, updates)
+    proc = run_cli(["emseg", "train"], project)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "%|" not in ln]
+    assert len(lines) == 1 and expect in lines[0], proc.stderr
+    assert not (project / "models" / "model.pt").exists() and not (project / "reports" / "train").exists()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert set(runs["status"] if len(runs) else []) <= {"FAILED"}  # a run it opened ends FAILED, never RUNNING
+
+
+@pytest.mark.parametrize("updates, key", [
+    ({"tracking": {"artifact_root": "../elsewhere/artifacts"}}, "tracking.artifact_root"),
+    ({"tracking": {"tracking_uri": "sqlite:///../../mlflow.db"}}, "tracking.tracking_uri"),
+    ({"tune": {"storage": "sqlite:///optuna/../../study.db"}}, "tune.storage"),
+    ({"data": {"epfl": {"cache_dir": "cache/../../c"}}}, "data.epfl.cache_dir"),
+])
+def test_written_paths_stay_inside_the_project_unless_absolute(project, tmp_path, updates, key):
+    write_params(project, updates)
+    line = _fails_cleanly(project, f"params.yaml: {key}: ", stages=("fetch",))
+    assert "leads outside the project" in line and "give an absolute path" in line
+    assert not (project.parent / "elsewhere").exists() and not (project.parent / "mlflow.db").exists()
+    if key == "tracking.artifact_root":  # the same place given as an absolute path is taken as meant
+        from emseg.config import load_params
+
+        write_params(project, {"tracking": {"artifact_root": str(tmp_path / "elsewhere")}})
+        assert load_params(project / "params.yaml").tracking.artifact_root == str(tmp_path / "elsewhere")

@@ -14,23 +14,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from conftest import SMALL_GENERATED, make_project, run_cli, write_params
-
-TINY = {
-    **SMALL_GENERATED,
-    "model": {"decoder_channels": [64, 32, 16, 16, 8]},
-    "train": {"patch_size": 96, "patches_per_epoch": 32, "batch_size": 8, "max_epochs": 3},
-    "tune": {"n_trials": 2, "epochs_per_trial": 1, "batch_sizes": [4, 8], "heartbeat_s": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def repro_project(tmp_path_factory):
-    proj = make_project(tmp_path_factory.mktemp("e2e") / "proj")
-    write_params(proj, TINY)
-    proc = run_cli(["dvc", "repro"], proj, check=True)
-    return proj, proc
-
+from conftest import TINY, make_project, run_cli, write_params
 
 def _client(proj):
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}")

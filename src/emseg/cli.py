@@ -73,11 +73,21 @@ def _dispatch(args: argparse.Namespace) -> None:
         importlib.import_module(f"emseg.stages.{args.command}").run(args.params)
 
 
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _dispatch(args)
     except EmsegError as exc:
+        _close_progress_bars()  # so the error starts a line of its own
         print(f"emseg {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -140,6 +140,9 @@ class TuneParams(_Strict):
     lr_max: PositiveFloat = 1e-2
     batch_sizes: list[PositiveInt] = [4, 8]
     pruning: bool = True
+    # MedianPruner: a trial may be stopped after this many epochs, once this many trials have completed.
+    prune_after_epochs: PositiveInt = 1
+    prune_startup_trials: Annotated[int, Field(ge=0)] = 2
     storage: str = "sqlite:///optuna/study.db"  # any SQLAlchemy URL
     study_name: str = "emseg"
     heartbeat_s: Optional[PositiveInt] = 60
@@ -226,5 +229,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw if raw is not None else {}
 
 
+def _written_paths(params: Params) -> dict[str, str]:
+    """The params that name places emseg writes to (relative ones are relative to the project)."""
+    out = {"data.epfl.cache_dir": params.data.epfl.cache_dir, "tracking.artifact_root": params.tracking.artifact_root}
+    for key, url in (("tune.storage", params.tune.storage), ("tracking.tracking_uri", params.tracking.tracking_uri)):
+        if url.startswith("sqlite:///"):
+            out[key] = url[len("sqlite:///"):]
+    return out
+
+
+def check_confined(params: Params, root: str | Path, source: str = "params.yaml") -> None:
+    """Relative paths that emseg writes to must stay inside the project; an absolute path (or ~) is
+    taken as meant. Inputs (the user's stacks, mirrors, starting weights) are only read and may be anywhere."""
+    root = Path(root).resolve()
+    for key, value in _written_paths(params).items():
+        p = Path(value)
+        if p.is_absolute() or value.startswith("~"):
+            continue
+        if not (root / p).resolve().is_relative_to(root):
+            raise ConfigError(f"{source}: {key}: {value!r} leads outside the project ({root}); "
+                              f"give an absolute path if that is really where it should go")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    return parse_params(read_yaml(path), str(path))
+    params = parse_params(read_yaml(path), str(path))
+    check_confined(params, Path(path).parent, str(path))
+    return params

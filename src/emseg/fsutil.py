@@ -98,3 +98,24 @@ def copy_path(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst)
     else:
         shutil.copyfile(src, dst)
+
+
+def allocated_memmap(path: str | Path, dtype, shape: tuple[int, ...]):
+    """A new ``.npy`` memory map whose disk blocks are reserved up front.
+
+    A plain memory map is a sparse file: on a full disk the first write to an unbacked page kills the
+    process with SIGBUS, no error message and no clean-up. Reserving the blocks (``posix_fallocate``)
+    turns that into an ``OSError`` (ENOSPC) here, before any work is done.
+    """
+    import numpy as np
+
+    path = Path(path)
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        try:
+            with open(path, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, path.stat().st_size)
+        except OSError:
+            del mm
+            raise  # the caller's atomic_dir names its final output, not this temporary file
+    return mm

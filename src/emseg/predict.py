@@ -20,7 +20,7 @@ from emseg.config import InferenceParams, InstanceParams
 from emseg.data.io import StackReader, inspect_stack
 from emseg.data.prepare import stack_stats
 from emseg.errors import OutputError
-from emseg.fsutil import atomic_dir, write_json
+from emseg.fsutil import allocated_memmap, atomic_dir, write_json
 from emseg.inference import predict_tiled
 from emseg.instances import split_instances
 from emseg.model.network import SegmentationNet, load_weights
@@ -101,7 +101,7 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
     with atomic_dir(output) as tmp, StackReader(info) as reader:
         # Probabilities stream straight into their TIFF; instance labels go to a memory map on disk
         # first (one compressed TIFF series is written from one iterator), then stream into theirs.
-        labels_mm = np.lib.format.open_memmap(tmp / "instances.npy", mode="w+", dtype=np.uint32, shape=(n, h, w))
+        labels_mm = allocated_memmap(tmp / "instances.npy", np.uint32, (n, h, w))
 
         def normalised():
             for z in range(n):

@@ -30,6 +30,10 @@ def configure(cfg: TrackingParams, root: str | Path = ".") -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # "creating tables" chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
     root = Path(root).resolve()
     uri = absolute_sqlite(cfg.tracking_uri, root)
     mlflow.set_tracking_uri(uri)
@@ -38,8 +42,74 @@ def configure(cfg: TrackingParams, root: str | Path = ".") -> str:
         artifacts = (root / cfg.artifact_root).resolve()
         artifacts.mkdir(parents=True, exist_ok=True)
         mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
-    mlflow.set_experiment(cfg.experiment)
+    exp = mlflow.set_experiment(cfg.experiment)
+    if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
+        # Otherwise the MLflow 3 UI opens the experiment on its GenAI trace pages, not on the runs.
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
+    fail_orphaned_runs(exp.experiment_id)
     return uri
+
+
+PROCESS_TAG = "emseg.process"
+
+
+def _process_id(pid: int | None = None) -> str:
+    """host:pid:start-time of a process; the start time tells a reused pid from the original one."""
+    import socket
+
+    import psutil
+
+    proc = psutil.Process(pid or os.getpid())
+    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
+
+
+def _process_alive(tag: str) -> bool | None:
+    """True/False for a process of this host; None when the run was started on another host."""
+    import socket
+
+    import psutil
+
+    try:
+        host, pid, started = tag.rsplit(":", 2)
+        pid = int(pid)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}" == started
+    except psutil.Error:
+        return False
+
+
+def fail_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs whose process on this host is gone (killed with SIGKILL, power cut).
+
+    MLflow ends a run as FAILED itself when Python unwinds (an exception, Ctrl-C); a process that
+    dies without unwinding leaves it RUNNING for ever. Every stage calls this on start.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    failed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tag = run.data.tags.get(PROCESS_TAG)
+        if tag and _process_alive(tag) is False:
+            client.set_tag(run.info.run_id, "emseg.failure", f"process {tag} died without ending the run")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            failed.append(run.info.run_id)
+    if failed:
+        print(f"mlflow: marked {len(failed)} run(s) of dead processes as FAILED: {', '.join(failed)}")
+    return failed
+
+
+def start_run(**kwargs):
+    """``mlflow.start_run`` that records which process owns the run (see ``fail_orphaned_runs``)."""
+    import mlflow
+
+    run = mlflow.start_run(**kwargs)
+    mlflow.set_tag(PROCESS_TAG, _process_id())
+    return run
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from emseg import IGNORE
@@ -25,7 +24,7 @@ from emseg.config import DataParams
 from emseg.data.io import StackInfo, StackReader, check_image_dtype, check_pair, inspect_stack
 from emseg.data.sources import load_source
 from emseg.errors import ConfigError, DataError
-from emseg.fsutil import atomic_dir, write_json
+from emseg.fsutil import allocated_memmap, atomic_dir, write_json
 
 SliceSpec = Union[int, Sequence[int], None]
 
@@ -83,8 +82,8 @@ def label_mapping(values: set[int], path: Path, ignore: Optional[int]) -> int:
 
 def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg_value) -> dict:
     n, (h, w) = len(indices), img_info.shape[1:]
-    images = open_memmap(out / f"{name}_images.npy", mode="w+", dtype=np.float32, shape=(n, h, w))
-    labels = open_memmap(out / f"{name}_labels.npy", mode="w+", dtype=np.uint8, shape=(n, h, w))
+    images = allocated_memmap(out / f"{name}_images.npy", np.float32, (n, h, w))
+    labels = allocated_memmap(out / f"{name}_labels.npy", np.uint8, (n, h, w))
     mean, std = stats
     fg = labelled = 0
     with StackReader(img_info) as ir, StackReader(lab_info) as lr:

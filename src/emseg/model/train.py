@@ -42,6 +42,16 @@ class History(Callback):
         if self.on_epoch:
             self.on_epoch(row)
 
+    # Kept in Lightning checkpoints, so a resumed run has its whole history (and re-reports it).
+    def state_dict(self) -> dict:
+        return {"rows": list(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state.get("rows", []))
+        for row in self.rows:
+            if self.on_epoch:
+                self.on_epoch(row)
+
 
 @dataclass
 class FitResult:
@@ -64,7 +74,10 @@ def _quiet() -> None:
 
 def fit(params: Params, prepared_dir: str | Path, work_dir: str | Path, *, lr: float, batch_size: int,
         max_epochs: int | None = None, max_minutes: float | None = None, callbacks=(), on_epoch=None,
-        progress: bool = True, checkpoints: bool = True) -> FitResult:
+        progress: bool = True, checkpoints: bool = True, resume: bool = False) -> FitResult:
+    """Fit and return the best network. With ``resume`` and a ``last.ckpt`` left in ``work_dir`` by an
+    interrupted run of the same configuration, training continues from it (epoch, optimiser,
+    schedule, early-stopping and time budget included) instead of starting again."""
     _quiet()
     cfg = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
@@ -93,8 +106,14 @@ def fit(params: Params, prepared_dir: str | Path, work_dir: str | Path, *, lr: f
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
         default_root_dir=str(work_dir), log_every_n_steps=1,
     )
+    last = Path(work_dir) / "checkpoints" / "last.ckpt"
+    resumed_from = None
+    if resume and checkpoints and last.is_file():
+        resumed_from = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
+        print(f"train: resuming from {last} (interrupted after epoch {resumed_from})")
     t0 = time.time()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resumed_from is not None else None,
+                weights_only=True)
     seconds = time.time() - t0
     best = max((r.get("val_iou", 0.0) for r in history.rows), default=0.0)
     if ckpt is not None and ckpt.best_model_path:
@@ -102,4 +121,4 @@ def fit(params: Params, prepared_dir: str | Path, work_dir: str | Path, *, lr: f
         module.load_state_dict(state)
     net = module.net.cpu().eval()
     return FitResult(net, best, history.rows, ckpt.best_model_path if ckpt else None, init_desc,
-                     len(history.rows), seconds)
+                     len(history.rows), seconds, {"resumed_from_epoch": resumed_from})

@@ -45,7 +45,7 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
                           titles=[f"test slice {i}: green truth, magenta prediction" for i, _ in ev.examples])
         run_id = json.loads((Path(TRAIN_REPORTS) / "run.json").read_text())["run_id"]
         tracking.configure(params.tracking)
-        with mlflow.start_run(run_id=run_id):
+        with tracking.start_run(run_id=run_id):
             mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items() if k not in ("slices", "threshold")})
             for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "overlays.png"):
                 if (rep / f).exists():

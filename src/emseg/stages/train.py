@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 from emseg.config import load_params
@@ -22,6 +21,16 @@ from emseg import tracking
 
 MODEL_DIR = "models"
 REPORT_DIR = "reports/train"
+CHECKPOINT_ROOT = "checkpoints"  # git-ignored; a run's folder is removed once its outputs are written
+
+
+def checkpoint_dir(params, prepared_dir: str, lr: float, batch_size: int) -> Path:
+    """Where a run keeps its Lightning checkpoints: one folder per data + settings, so an interrupted
+    run is resumed only by the same run, never by one with other data or params."""
+    manifest = (Path(prepared_dir) / "manifest.json").read_bytes()
+    spec = json.dumps({"model": params.model.model_dump(), "train": params.train.model_dump(), "seed": params.seed,
+                       "lr": lr, "batch_size": batch_size}, sort_keys=True).encode()
+    return Path(CHECKPOINT_ROOT) / f"train-{hashlib.sha256(manifest + spec).hexdigest()[:12]}"
 
 
 def effective_hparams(params, best_params_path: str = BEST_PARAMS) -> tuple[float, int, str]:
@@ -40,16 +49,18 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
     lr, batch_size, origin = effective_hparams(params)
     tracking.configure(params.tracking)
-    work = Path(tempfile.mkdtemp(prefix="emseg-train-"))
-    with mlflow.start_run(run_name=f"train-{manifest['source']}-{len(manifest['splits']['train']['slices'])}sl") as run:
+    work = checkpoint_dir(params, prepared_dir, lr, batch_size)
+    with tracking.start_run(run_name=f"train-{manifest['source']}-{len(manifest['splits']['train']['slices'])}sl") as run:
         mlflow.log_params(tracking.flatten(params.model_dump(exclude={"tune"})))
         mlflow.log_params({"effective.lr": lr, "effective.batch_size": batch_size, "effective.origin": origin})
 
         def log_epoch(row):
             mlflow.log_metrics({k: row[k] for k in CURVE_KEYS if k in row}, step=row["epoch"])
 
-        result = fit(params, prepared_dir, work, lr=lr, batch_size=batch_size, on_epoch=log_epoch)
+        result = fit(params, prepared_dir, work, lr=lr, batch_size=batch_size, on_epoch=log_epoch, resume=True)
         mlflow.set_tags(tracking.run_tags(manifest, result.init))
+        if result.extra.get("resumed_from_epoch") is not None:
+            mlflow.set_tag("resumed_from_epoch", str(result.extra["resumed_from_epoch"]))
         patches_per_s = result.epochs * params.train.patches_per_epoch / max(result.seconds, 1e-9)
         summary = {"best_val_iou": result.best_score, "epochs": result.epochs, "train_seconds": round(result.seconds, 1),
                    "patches_per_second": round(patches_per_s, 2), "lr": lr, "batch_size": batch_size}

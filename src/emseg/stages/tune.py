@@ -86,8 +86,11 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     params = load_params(params_path)
     cfg = params.tune
     tracking.configure(params.tracking)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if cfg.pruning else optuna.pruners.NopPruner()
+    # ERROR: a failing trial is reported once, as emseg's one-line error, not also as Optuna's traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.prune_startup_trials,
+                                          n_warmup_steps=cfg.prune_after_epochs - 1)
+              if cfg.pruning else optuna.pruners.NopPruner())
     name = study_name(params, prepared_dir)
     study = optuna.create_study(study_name=name, storage=_storage(params), direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=params.seed), pruner=pruner,
@@ -95,14 +98,14 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     missing = max(cfg.n_trials - len(done), 0)
 
-    with mlflow.start_run(run_name=f"tune-{name}"):
+    with tracking.start_run(run_name=f"tune-{name}"):
         mlflow.set_tags({"optuna_study": name, "stage": "tune"})
         mlflow.log_params(tracking.flatten({"tune": cfg.model_dump()}))
 
         def objective(trial):
             lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
             bs = trial.suggest_categorical("batch_size", cfg.batch_sizes)
-            with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+            with tracking.start_run(run_name=f"trial-{trial.number}", nested=True):
                 mlflow.set_tags({"optuna_study": name, "optuna_trial": str(trial.number)})
                 mlflow.log_params({"lr": lr, "batch_size": bs})
                 work = tempfile.mkdtemp(prefix="emseg-trial-")

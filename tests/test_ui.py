@@ -1,0 +1,150 @@
+"""The real MLflow UI, in Debian's headless Chromium driven by Playwright, on a real pipeline's store.
+
+What a user sees after `dvc repro` and `make ui`: the runs with their key metrics, a run's per-epoch
+curves and artifacts, and the registered model with its `champion` alias. Screenshots are kept in
+test-artifacts/ui/ (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = ROOT / "test-artifacts" / "ui"
+# Chromium as root in a container, and no calls home: this machine has no internet.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(repro_project):
+    proj, _ = repro_project
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow ui did not start:\n{server.stdout.read()[-3000:] if server.stdout else ''}")
+            time.sleep(0.5)
+        yield proj, base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(ui):
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which("chromium") or (ROOT / CHROMIUM).exists(), \
+        "Debian's chromium is missing: `apt-get install chromium` (.ci/run does it)"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        # Wide enough that the runs table renders its metric columns beside MLflow's assistant panel.
+        pg = browser.new_page(viewport={"width": 2800, "height": 1000})
+        pg.set_default_timeout(60_000)
+        yield pg
+        browser.close()
+
+
+def _store(proj):
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("emseg")
+    train = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith("train-")][0]
+    return client, exp, train
+
+
+@pytest.mark.slow
+def test_experiment_page_lists_the_runs_with_their_key_metrics(ui, page):
+    proj, base = ui
+    _, exp, train = _store(proj)
+    # The address `make ui` prints: the runs view of MLflow's "Model training" side, not GenAI traces.
+    page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+    page.get_by_text(train.info.run_name).first.wait_for()
+    page.get_by_text("tune-").first.wait_for()
+    # A user adds the metric columns: Columns, search for the metric, tick it.
+    page.get_by_role("button", name="Columns", exact=True).click()
+    for metric in ("test_iou", "best_val_iou"):
+        page.get_by_placeholder("Search columns").fill(metric)
+        page.wait_for_timeout(800)
+        page.get_by_role("dialog").get_by_text(metric, exact=True).click()
+        page.wait_for_timeout(800)
+    page.keyboard.press("Escape")
+    page.get_by_text(str(train.data.metrics["test_iou"])[:6]).first.wait_for()
+    page.screenshot(path=str(SHOTS / "experiment_runs.png"))
+    table = page.inner_text("body")
+    for metric in ("test_iou", "best_val_iou"):
+        assert metric in table and str(train.data.metrics[metric])[:6] in table, (metric, table[-2000:])
+
+
+@pytest.mark.slow
+def test_run_page_shows_the_per_epoch_curves_and_the_artifacts(ui, page):
+    proj, base = ui
+    _, exp, train = _store(proj)
+    run_url = f"{base}/#/experiments/{exp.experiment_id}/runs/{train.info.run_id}"
+    page.set_viewport_size({"width": 1600, "height": 5000})  # every chart in view (they render lazily)
+    page.goto(f"{run_url}/model-metrics")
+    for curve in ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "val_iou"):
+        page.get_by_text(curve, exact=True).first.wait_for()
+    page.get_by_text("Step").first.wait_for()  # per-epoch line charts, not single values
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(SHOTS / "run_curves.png"), full_page=True)
+
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.goto(f"{run_url}/artifacts")
+    for name in ("curves.png", "val_overlays.png", "history.csv", "weights", "evaluation"):
+        page.get_by_text(name, exact=True).first.wait_for()
+    page.get_by_text("curves.png", exact=True).first.click()
+    img = page.locator("img[src*='curves.png']").first
+    img.wait_for()
+    page.wait_for_function("(el) => el.complete && el.naturalWidth > 100", arg=img.element_handle())
+    page.screenshot(path=str(SHOTS / "run_artifacts.png"))
+
+
+@pytest.mark.slow
+def test_registered_model_page_shows_the_champion(ui, page):
+    proj, base = ui
+    client, _, train = _store(proj)
+    champion = client.get_model_version_by_alias("emseg-unet", "champion")
+    page.goto(f"{base}/#/models/emseg-unet")
+    page.get_by_text(f"Version {champion.version}").first.wait_for()
+    page.get_by_text("champion").first.wait_for()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(SHOTS / "registered_model.png"))
+    page.goto(f"{base}/#/models/emseg-unet/versions/{champion.version}")
+    page.get_by_text("champion").first.wait_for()
+    body = page.inner_text("body")
+    assert train.info.run_name in body or train.info.run_id in body  # the version links its run
+    page.screenshot(path=str(SHOTS / "model_version.png"))
+    (SHOTS / "pages.json").write_text(json.dumps({"base": base, "run": train.info.run_id,
+                                                   "champion": champion.version}, indent=1))
