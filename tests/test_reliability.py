@@ -5,7 +5,6 @@ Each test here is a row of docs/reliability.md.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

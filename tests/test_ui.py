@@ -125,9 +125,8 @@ def test_run_page_shows_the_per_epoch_curves_and_the_artifacts(ui, page):
     for name in ("curves.png", "val_overlays.png", "history.csv", "weights", "evaluation"):
         page.get_by_text(name, exact=True).first.wait_for()
     page.get_by_text("curves.png", exact=True).first.click()
-    img = page.locator("img[src*='curves.png']").first
-    img.wait_for()
-    page.wait_for_function("(el) => el.complete && el.naturalWidth > 100", arg=img.element_handle())
+    # The preview shows the PNG itself (about 1000 px wide; MLflow's own logo and icons are far smaller).
+    page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth > 500)")
     page.screenshot(path=str(SHOTS / "run_artifacts.png"))
 
 

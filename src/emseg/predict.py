@@ -83,6 +83,42 @@ def _write_ome_zarr(path: Path, shape: tuple[int, int, int], pages) -> None:
         inst[z] = lab
 
 
+def _predicted_slices(net, info, mean: float, std: float, inference, instances, threshold: float, progress: bool,
+                      state: dict):
+    """Yield (probability x 255 as uint8, uint32 instance labels unique through the stack), slice by slice."""
+    n = info.shape[0]
+    with StackReader(info) as reader:
+        normalised = ((reader.read(z).astype(np.float32) - mean) / std for z in range(n))
+        for prob in predict_stack_iter(net, normalised, progress, n, inference):
+            labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)
+            k = int(labels.max())
+            labels = np.where(labels > 0, labels + np.uint32(state["next_label"]), 0).astype(np.uint32)
+            state["next_label"] += k
+            yield np.round(prob * 255).astype(np.uint8), labels
+
+
+def _write_tiffs(tmp: Path, shape: tuple[int, int, int], pages) -> dict:
+    """Probabilities stream straight into their TIFF; instance labels go to a memory map on disk first
+    (one compressed TIFF series is written from one iterator), then stream into theirs."""
+    n = shape[0]
+    tiff = {"compression": "zlib", "photometric": "minisblack"}
+    labels_mm = allocated_memmap(tmp / "instances.npy", np.uint32, shape)
+
+    def probability_pages():
+        for z, (prob, labels) in enumerate(pages):
+            labels_mm[z] = labels
+            yield prob
+
+    with tifffile.TiffWriter(tmp / "probabilities.tif") as tw:
+        tw.write(probability_pages(), shape=shape, dtype=np.uint8, **tiff)
+    labels_mm.flush()
+    with tifffile.TiffWriter(tmp / "instances.tif") as tw:
+        tw.write((labels_mm[z] for z in range(n)), shape=shape, dtype=np.uint32, **tiff)
+    del labels_mm
+    (tmp / "instances.npy").unlink()
+    return {"probabilities.tif": "uint8, probability x 255", "instances.tif": "uint32 labels"}
+
+
 def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str | Path, *, overwrite: bool = False,
                       inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
                       threshold: float = 0.5, model_ref: str = "", progress: bool = True, fmt: str = "tiff") -> dict:
@@ -92,63 +128,17 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
     refuse_existing(output, overwrite)
     info = inspect_stack(input_path)
     mean, std = stack_stats(info)  # the stack is normalised by its own statistics, as in training
-    n, h, w = info.shape
+    shape = tuple(info.shape)
     state = {"next_label": 0}
-    tiff = {"compression": "zlib", "photometric": "minisblack"}
-    if fmt == "ome-zarr":
-        return _predict_to_zarr(net, info, output, mean, std, state, inference, instances, threshold, model_ref,
-                                progress)
-    with atomic_dir(output) as tmp, StackReader(info) as reader:
-        # Probabilities stream straight into their TIFF; instance labels go to a memory map on disk
-        # first (one compressed TIFF series is written from one iterator), then stream into theirs.
-        labels_mm = allocated_memmap(tmp / "instances.npy", np.uint32, (n, h, w))
-
-        def normalised():
-            for z in range(n):
-                yield (reader.read(z).astype(np.float32) - mean) / std
-
-        def probability_pages():
-            for z, prob in enumerate(predict_stack_iter(net, normalised(), progress, n, inference)):
-                labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)
-                k = int(labels.max())
-                labels_mm[z] = np.where(labels > 0, labels + np.uint32(state["next_label"]), 0)
-                state["next_label"] += k
-                yield np.round(prob * 255).astype(np.uint8)
-
-        with tifffile.TiffWriter(tmp / "probabilities.tif") as tw:
-            tw.write(probability_pages(), shape=(n, h, w), dtype=np.uint8, **tiff)
-        labels_mm.flush()
-        with tifffile.TiffWriter(tmp / "instances.tif") as tw:
-            tw.write((labels_mm[z] for z in range(n)), shape=(n, h, w), dtype=np.uint32, **tiff)
-        del labels_mm
-        (tmp / "instances.npy").unlink()
-        summary = {"input": str(input_path), "model": model_ref, "shape": [n, h, w], "objects": state["next_label"],
-                   "threshold": threshold, "normalisation": {"mean": mean, "std": std},
-                   "outputs": {"probabilities.tif": "uint8, probability x 255", "instances.tif": "uint32 labels"}}
-        write_json(tmp / "summary.json", summary)
-    return summary
-
-
-def _predict_to_zarr(net, info, output: Path, mean: float, std: float, state: dict, inference, instances,
-                     threshold: float, model_ref: str, progress: bool) -> dict:
-    n, h, w = info.shape
-    with atomic_dir(output) as tmp, StackReader(info) as reader:
-        def normalised():
-            for z in range(n):
-                yield (reader.read(z).astype(np.float32) - mean) / std
-
-        def pages():
-            for prob in predict_stack_iter(net, normalised(), progress, n, inference):
-                labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)
-                k = int(labels.max())
-                labels = np.where(labels > 0, labels + np.uint32(state["next_label"]), 0).astype(np.uint32)
-                state["next_label"] += k
-                yield np.round(prob * 255).astype(np.uint8), labels
-
-        _write_ome_zarr(tmp / "prediction.ome.zarr", (n, h, w), pages())
-        summary = {"input": str(info.path), "model": model_ref, "shape": [n, h, w], "objects": state["next_label"],
-                   "threshold": threshold, "normalisation": {"mean": mean, "std": std},
-                   "outputs": {"prediction.ome.zarr": "OME-NGFF 0.4: image 0 = probability x 255 (uint8), "
-                                                      "labels/instances/0 = uint32 instance labels"}}
+    with atomic_dir(output) as tmp:
+        pages = _predicted_slices(net, info, mean, std, inference, instances, threshold, progress, state)
+        if fmt == "ome-zarr":
+            _write_ome_zarr(tmp / "prediction.ome.zarr", shape, pages)
+            outputs = {"prediction.ome.zarr": "OME-NGFF 0.4: image 0 = probability x 255 (uint8), "
+                                              "labels/instances/0 = uint32 instance labels"}
+        else:
+            outputs = _write_tiffs(tmp, shape, pages)
+        summary = {"input": str(input_path), "model": model_ref, "shape": list(shape), "objects": state["next_label"],
+                   "threshold": threshold, "normalisation": {"mean": mean, "std": std}, "outputs": outputs}
         write_json(tmp / "summary.json", summary)
     return summary
