@@ -17,8 +17,11 @@ from mlflow import MlflowClient
 from conftest import TINY, make_project, run_cli, write_params
 
 def _client(proj):
-    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}")
-    return MlflowClient()
+    # Both URIs: an earlier test in this process may have pointed MLflow's registry elsewhere.
+    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @pytest.mark.slow
@@ -122,7 +125,7 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     # The OME-Zarr option: the same two stacks, chunked, as an OME-NGFF image with a label image.
     import zarr
 
-    run_cli(["emseg", "predict", "--format", "ome-zarr", "--model", str(proj / "models" / "model.pt"),
+    run_cli(["emseg", "predict", "--format", "ome-zarr", "--model", "models:/emseg-unet@champion",
              str(shared / "isbi2012" / "train-volume.tif"), str(tmp_path / "isbi-zarr")], proj, check=True)
     root = zarr.open_group(str(tmp_path / "isbi-zarr" / "prediction.ome.zarr"), mode="r")
     assert root.attrs["multiscales"][0]["datasets"][0]["path"] == "0"

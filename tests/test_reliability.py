@@ -26,8 +26,11 @@ KILLABLE = {
 
 
 def _client(proj) -> MlflowClient:
-    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}")
-    return MlflowClient()
+    # Both URIs: an earlier test in this process may have pointed MLflow's registry elsewhere.
+    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _train_runs(client):

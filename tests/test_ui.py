@@ -77,10 +77,13 @@ def page(ui):
 
 
 def _store(proj):
-    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}")
-    client = MlflowClient()
+    """The client, the experiment and the run behind the registered champion (what a user opens)."""
+    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # an earlier test in this process may have pointed it elsewhere
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("emseg")
-    train = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith("train-")][0]
+    train = client.get_run(client.get_model_version_by_alias("emseg-unet", "champion").run_id)
     return client, exp, train
 
 
