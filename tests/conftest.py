@@ -65,6 +65,7 @@ def make_project(dest: Path, git: bool = True) -> Path:
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     if (ROOT / "pipelines").exists():
         shutil.copytree(ROOT / "pipelines", dest / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "annotations", dest / "annotations")
     (dest / "mlruns").mkdir(exist_ok=True)
     if git:
         run_cli(["git", "init", "-q"], dest, check=True)

@@ -18,6 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train the network, track the run in MLflow")
     sub.add_parser("evaluate", help="score the trained model on the test split, log to its MLflow run")
     sub.add_parser("register", help="register the model; move alias champion only if its test IoU is better")
+    sub.add_parser("active-learning", help="simulate active-learning strategies (pipelines/active_learning)")
+    sub.add_parser("pretrain", help="train on other EM datasets, register as @pretrained (pipelines/pretrain)")
+    sub.add_parser("learning-curve", help="test IoU against labelled slices, scratch vs pretrained (pipelines/learning_curve)")
     pr = sub.add_parser("promote", help="point an alias of a registered model at a version")
     pr.add_argument("name")
     pr.add_argument("version")
@@ -31,7 +34,43 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--format", choices=("tiff", "ome-zarr"), default="tiff", dest="fmt",
                     help="tiff (default): probabilities.tif + instances.tif; ome-zarr: one chunked "
                          "prediction.ome.zarr (OME-NGFF 0.4) for large stacks")
+    sg = sub.add_parser("suggest", help="the patches (or slices) of a stack to label next, with templates to paint")
+    sg.add_argument("input", help="multi-page TIFF or folder of 2D TIFF/PNG slices")
+    sg.add_argument("output", help="new folder (put it under annotations/ to train on it once painted)")
+    sg.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a weights .pt file")
+    sg.add_argument("-k", type=int, default=8, help="how many to suggest (default 8)")
+    sg.add_argument("--unit", choices=("patch", "slice"), default="patch")
+    sg.add_argument("--patch-size", type=int, default=256)
+    sg.add_argument("--strategy", default="entropy",
+                    help="entropy (default), least_confidence, bald, hybrid, coreset, kmeans or random")
+    sg.add_argument("--every", type=int, default=1, help="score every Nth slice (default: all)")
+    sg.add_argument("--mc-passes", type=int, default=8, help="Monte Carlo dropout passes for bald")
+    sg.add_argument("--blank", type=int, default=128, help="value of unpainted template pixels (default 128)")
+    sg.add_argument("--overwrite", action="store_true", help="replace an existing folder whose templates are unpainted")
     return p
+
+
+def _suggest(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from emseg import tracking
+    from emseg.active.suggest import refuse_to_lose_labels, suggest
+    from emseg.config import TrackingParams, load_params
+    from emseg.predict import load_model, refuse_existing
+
+    if args.k < 1 or args.every < 1 or args.patch_size < 32 or args.mc_passes < 2:
+        raise EmsegError("-k and --every must be at least 1, --patch-size at least 32, --mc-passes at least 2")
+    refuse_existing(args.output, args.overwrite)
+    refuse_to_lose_labels(args.output)
+    if args.model.startswith("models:/"):
+        tracking.configure(load_params(args.params).tracking if Path(args.params).exists() else TrackingParams())
+    net, ref = load_model(args.model)
+    s = suggest(net, args.input, args.output, k=args.k, unit=args.unit, patch_size=args.patch_size,
+                strategy=args.strategy, every=args.every, mc_passes=args.mc_passes, blank=args.blank, model_ref=ref)
+    where = ", ".join(f"slice {r['slice']} ({r['y']},{r['x']})" for r in s["suggestions"][:3])
+    print(f"suggest: {s['k']} {args.unit + ('es' if args.unit == 'patch' else 's')} of {s['size']} px to label ({args.strategy}; top: {where}) -> "
+          f"{args.output}/suggestions.csv; paint the *_labels.tif templates (255 object, 0 background, "
+          f"{args.blank} blank) and run dvc repro")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -61,6 +100,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
     if args.command == "predict":
         _predict(args)
+    elif args.command == "suggest":
+        _suggest(args)
     elif args.command == "promote":
         from emseg import tracking
         from emseg.config import load_params
@@ -70,7 +111,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         promote(args.name, args.version, args.alias)
         print(f"promote: {args.name} version {args.version} now has alias {args.alias!r}")
     else:
-        importlib.import_module(f"emseg.stages.{args.command}").run(args.params)
+        importlib.import_module(f"emseg.stages.{args.command.replace('-', '_')}").run(args.params)
 
 
 def _close_progress_bars() -> None:

@@ -60,6 +60,8 @@ class DataParams(_Strict):
     # Label value that means "not annotated" (partially labelled slices); None: every pixel labelled.
     ignore_value: Optional[Annotated[int, Field(ge=0, le=65535)]] = None
     generated: GeneratedSource = GeneratedSource()
+    # Folder of `emseg suggest` outputs; painted templates found under it join the training data.
+    annotations: Optional[str] = "annotations"
     tiff: Optional[TiffSource] = None
     epfl: Optional[EpflSource] = None
 
@@ -129,6 +131,9 @@ class TrainParams(_Strict):
     loss: LossParams = LossParams()
     augment: AugmentParams = AugmentParams()
     init: InitParams = InitParams()
+    # Fine-tuning from pretrained weights: encoder frozen for the first epochs, then trained at lr * factor.
+    freeze_encoder_epochs: Annotated[int, Field(ge=0)] = 0
+    encoder_lr_factor: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
 class TuneParams(_Strict):
@@ -174,6 +179,84 @@ class TrackingParams(_Strict):
     registered_model: str = "emseg-unet"
 
 
+StrategyName = Literal["random", "entropy", "least_confidence", "bald", "kmeans", "coreset", "hybrid"]
+
+
+class ActiveParams(_Strict):
+    """Active learning: the simulation (pipelines/active_learning) and `emseg suggest`."""
+
+    # Simulation data: epfl (data.epfl mirrors), generated, or auto (epfl when its first mirror is a
+    # local folder that exists, generated otherwise).
+    source: Literal["auto", "epfl", "generated"] = "auto"
+    downsample: Annotated[int, Field(ge=1, le=8)] = 2  # simulation runs on slices binned by this factor
+    pool_slices: Annotated[int, Field(ge=1)] = 16  # training-stack slices the pool is cut from (evenly spaced)
+    val_slices: Annotated[int, Field(ge=1)] = 2
+    test_slices: Optional[PositiveInt] = 10  # evenly spaced test slices scored each round; null: all
+    patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128  # the unit a person labels
+    stride: Optional[PositiveInt] = None  # grid step of candidate patches; null: half a patch
+    initial: PositiveInt = 4  # random patches labelled before the first query
+    query: PositiveInt = 4  # patches queried per round
+    rounds: PositiveInt = 3
+    strategies: list[StrategyName] = ["random", "entropy", "least_confidence", "bald", "kmeans", "coreset", "hybrid"]
+    seeds: list[int] = [0, 1, 2]
+    mc_passes: Annotated[int, Field(ge=2)] = 8  # Monte Carlo dropout passes for BALD
+    dropout: Annotated[float, Field(gt=0, lt=1)] = 0.2  # model.dropout while active learning (BALD needs it)
+    hybrid_base: Literal["entropy", "least_confidence", "bald"] = "entropy"
+    shortlist_factor: PositiveInt = 4  # hybrid: k-centre among the (factor x query) most uncertain
+    max_overlap: Probability = 0.25  # picks overlapping more than this share of a patch are near-duplicates...
+    z_gap: Annotated[int, Field(ge=0)] = 1  # ...when they are at most this many slices apart
+    label_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of a queried patch the oracle labels
+    epochs_first: PositiveInt = 10
+    epochs_round: PositiveInt = 3
+    patches_per_epoch: PositiveInt = 40
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 0.002
+
+
+class PretrainSource(_Strict):
+    """One source dataset for pretraining: a labelled TIFF stack (or folder of slices)."""
+
+    name: str
+    image: str
+    labels: str
+    scale: Annotated[float, Field(gt=0, le=4)] = 1.0  # resample so pixel sizes match the target's
+    invert: bool = False  # swap foreground and background (ISBI 2012 labels cell interior 255)
+    ignore_value: Optional[Annotated[int, Field(ge=0, le=65535)]] = None
+    val_slices: PositiveInt = 2
+
+
+class PretrainParams(_Strict):
+    sources: list[PretrainSource] = [PretrainSource(
+        name="vnc-mitochondria", image="../shared/data/drosophila-vnc/stack1_raw.tif",
+        labels="../shared/data/drosophila-vnc/stack1_mitochondria.tif", scale=0.5)]
+    patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128
+    patches_per_epoch: PositiveInt = 64  # split evenly between the sources (balanced sampling)
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 0.002
+    max_epochs: PositiveInt = 15
+    max_minutes: Optional[PositiveFloat] = None
+    registered_model: str = "emseg-pretrained"
+    alias: str = "pretrained"
+
+
+class LearningCurveParams(_Strict):
+    source: Literal["auto", "epfl", "generated"] = "auto"  # as active.source
+    scale: Annotated[float, Field(gt=0, le=1)] = 0.5  # the target's resampling (match pretrain sources)
+    slice_counts: list[Union[PositiveInt, Literal["all"]]] = [1, 2, 4, 8, 12, "all"]
+    inits: list[Literal["scratch", "pretrained"]] = ["scratch", "pretrained"]
+    seeds: list[int] = [0, 1, 2]
+    val_slices: PositiveInt = 2
+    test_slices: Optional[PositiveInt] = 10  # evenly spaced test slices; null: all
+    patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128
+    patches_per_epoch: PositiveInt = 40
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 0.002
+    epochs: PositiveInt = 6
+    pretrained_uri: str = "models:/emseg-pretrained@pretrained"
+    freeze_encoder_epochs: Annotated[int, Field(ge=0)] = 1  # fine-tuning: decoder first
+    encoder_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+
 class Params(_Strict):
     seed: int = 42
     data: DataParams = DataParams()
@@ -182,6 +265,9 @@ class Params(_Strict):
     tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+    active: ActiveParams = ActiveParams()
+    pretrain: PretrainParams = PretrainParams()
+    learning_curve: LearningCurveParams = LearningCurveParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

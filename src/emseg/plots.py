@@ -48,3 +48,32 @@ def plot_overlays(images, labels, probs, path: str | Path, threshold: float = 0.
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
+
+
+def save_uncertainty_png(u: np.ndarray, path: str | Path) -> Path:
+    """An uncertainty map as an 8-bit picture (bright: unsure), scaled to its own maximum."""
+    u = np.asarray(u, np.float32)
+    top = float(u.max()) or 1.0
+    plt.imsave(path, u / top, cmap="magma", vmin=0, vmax=1)
+    return Path(path)
+
+
+def plot_suggestions(slices: dict, rows: list[dict], path: str | Path, max_slices: int = 6) -> Path:
+    """The suggested patches as numbered boxes on their slices."""
+    from matplotlib.patches import Rectangle
+
+    zs = list(slices)[:max_slices]
+    fig, axes = plt.subplots(1, len(zs), figsize=(5 * len(zs), 4.2), squeeze=False)
+    for ax, z in zip(axes[0], zs):
+        ax.imshow(slices[z], cmap="gray")
+        for r in rows:
+            if r["slice"] == z:
+                ax.add_patch(Rectangle((r["x"], r["y"]), r["width"], r["height"], fill=False, ec="yellow", lw=1.5))
+                ax.text(r["x"] + 4, r["y"] + 4, str(r["rank"]), color="yellow", va="top", fontsize=11, weight="bold")
+        ax.set_title(f"slice {z}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("label next: numbered by rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

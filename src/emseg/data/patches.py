@@ -38,12 +38,26 @@ class PatchDataset(Dataset):
         self.patch, self.length, self.bias = patch_size, length, foreground_bias
         self.augment, self.seed, self.epoch = augment, seed, 0
         # Foreground pixel coordinates, subsampled: enough to centre patches, small in memory.
-        self.fg = []
+        # Partially labelled slices (IGNORE pixels) also keep annotated pixel coordinates: their
+        # "anywhere" patches are centred on annotated pixels, never wasted on unlabelled ground.
+        self.fg, self.annotated = [], []
         for i in range(n):
-            ys, xs = np.nonzero(np.asarray(labels[i]) == 1)
-            keep = np.random.default_rng([seed, i]).permutation(len(ys))[:20000]
+            lab = np.asarray(labels[i])
+            rng = np.random.default_rng([seed, i])
+            ys, xs = np.nonzero(lab == 1)
+            keep = rng.permutation(len(ys))[:20000]
             self.fg.append(np.column_stack([ys[keep], xs[keep]]))
+            ignored = lab == IGNORE
+            if ignored.any():
+                ys, xs = np.nonzero(~ignored)
+                keep = rng.permutation(len(ys))[:20000]
+                self.annotated.append(np.column_stack([ys[keep], xs[keep]]))
+            else:
+                self.annotated.append(None)  # fully labelled: anywhere will do
         self.has_fg = [i for i in range(n) if len(self.fg[i])]
+        self.usable = [i for i in range(n) if self.annotated[i] is None or len(self.annotated[i])]
+        if not self.usable:
+            raise ConfigError("training data: every training pixel is marked ignore; nothing to learn from")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -61,8 +75,14 @@ class PatchDataset(Dataset):
             y0 = int(np.clip(cy - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, h - p))
             x0 = int(np.clip(cx - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, w - p))
         else:
-            i = int(rng.integers(n))
-            y0, x0 = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
+            i = int(self.usable[rng.integers(len(self.usable))])
+            ann = self.annotated[i]
+            if ann is None:
+                y0, x0 = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
+            else:
+                cy, cx = ann[rng.integers(len(ann))]
+                y0 = int(np.clip(cy - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, h - p))
+                x0 = int(np.clip(cx - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, w - p))
         image = np.array(self.images[i, y0:y0 + p, x0:x0 + p], dtype=np.float32)
         label = np.array(self.labels[i, y0:y0 + p, x0:x0 + p], dtype=np.uint8)
         if self.augment is not None:
@@ -83,3 +103,32 @@ class SliceDataset(Dataset):
         image, _ = pad_to_multiple(np.array(self.images[i], dtype=np.float32))
         label, _ = pad_to_multiple(np.asarray(self.labels[i], dtype=np.uint8), value=IGNORE)
         return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(label.astype(np.int64))[None]
+
+
+class MixedPatches(Dataset):
+    """Patches from several PatchDatasets (labelled slices and annotated suggestion crops) in one epoch."""
+
+    def __init__(self, parts: list[PatchDataset]):
+        self.parts = [p for p in parts if len(p)]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, idx: int):
+        k = int(np.searchsorted(self.offsets, idx, side="right") - 1)
+        return self.parts[k][idx - int(self.offsets[k])]
+
+
+def pad_crops(images: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad crops smaller than ``size`` (reflect for images, IGNORE for labels) so patches fit."""
+    n, h, w = images.shape
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    if not ph and not pw:
+        return images, labels
+    pad = ((0, 0), (0, ph), (0, pw))
+    return np.pad(images, pad, mode="reflect"), np.pad(labels, pad, constant_values=IGNORE)

@@ -179,10 +179,26 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
                   ("test", test_img, test_lab, test_idx, test_stats, fg_test))
         for name, img, lab, idx, stats, fgv in splits:
             manifest["splits"][name] = _write_split(name, img, lab, idx, stats, tmp, ignore, fgv)
+        manifest["annotations"] = _write_annotations(params.annotations, tmp)
         if manifest["splits"]["train"]["foreground_fraction"] == 0:
             raise DataError(f"{train_lab.path}: the training slices {train_idx} hold no foreground; nothing to learn")
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _write_annotations(folder: Optional[str], out: Path) -> dict:
+    """Painted `emseg suggest` templates under ``folder`` -> annotations_{images,labels}.npy."""
+    from emseg.data.annotations import collect, stack_padded
+
+    if not folder:
+        return {"folder": None, "patches": 0}
+    images, labels, records = collect(folder)
+    if images:
+        x, y = stack_padded(images, labels)
+        np.save(out / "annotations_images.npy", x)
+        np.save(out / "annotations_labels.npy", y)
+    return {"folder": folder, "patches": len(images), "labelled_pixels": sum(r["labelled_pixels"] for r in records),
+            "records": records}
 
 
 def load_split(prepared_dir: str | Path, name: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:

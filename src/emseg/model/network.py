@@ -44,23 +44,45 @@ class SegmentationNet(nn.Module):
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.net.encoder(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = float(self.spec.get("input_scale", 1.0))
-        if scale == 1.0:
-            return self._logits(x)
+    def _scaled_size(self, h, w) -> tuple[int, int]:
         # Resample to the nearest sizes that are multiples of 32 (the encoder halves the size 5 times):
         # integer arithmetic only, so torch.export keeps height and width dynamic.
-        num, den = Fraction(scale).limit_denominator(64).as_integer_ratio()
+        num, den = Fraction(float(self.spec.get("input_scale", 1.0))).limit_denominator(64).as_integer_ratio()
+        return (h * num + den * 16) // (den * 32) * 32, (w * num + den * 16) // (den * 32) * 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(self.spec.get("input_scale", 1.0)) == 1.0:
+            return self._logits(x)
         h, w = x.shape[-2:]
-        sh = (h * num + den * 16) // (den * 32) * 32
-        sw = (w * num + den * 16) // (den * 32) * 32
-        small = F.interpolate(x, size=(sh, sw), mode="bilinear", antialias=True, align_corners=False)
+        small = F.interpolate(x, size=self._scaled_size(h, w), mode="bilinear", antialias=True, align_corners=False)
         return F.interpolate(self._logits(small), size=(h, w), mode="bilinear", align_corners=False)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.net.encoder(x)
         dec = self.net.decoder(feats) if _DECODER_TAKES_LIST else self.net.decoder(*feats)
         return self.net.segmentation_head(self.dropout(dec))
+
+    @torch.no_grad()
+    def mc_logits(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Monte Carlo dropout: ``passes`` logits (T, N, 1, H, W) with dropout on, and the bottleneck
+        features (N, C, h, w). Encoder and decoder run once; only the dropout and the head are
+        sampled, which is where the dropout sits, so this equals T full passes at a fraction of the cost."""
+        h, w = x.shape[-2:]
+        scaled = float(self.spec.get("input_scale", 1.0)) != 1.0
+        if scaled:
+            x = F.interpolate(x, size=self._scaled_size(h, w), mode="bilinear", antialias=True, align_corners=False)
+        feats = self.net.encoder(x)
+        dec = self.net.decoder(feats) if _DECODER_TAKES_LIST else self.net.decoder(*feats)
+        was = self.dropout.training
+        self.dropout.train(passes > 1)
+        out = []
+        for _ in range(passes):
+            logit = self.net.segmentation_head(self.dropout(dec))
+            if scaled:
+                logit = F.interpolate(logit, size=(h, w), mode="bilinear", align_corners=False)
+            out.append(logit)
+        self.dropout.train(was)
+        return torch.stack(out), feats[-1]
 
 
 # smp 0.5+ decoders take the feature list; older ones took *features. Decided once, not per forward.

@@ -72,23 +72,48 @@ def _quiet() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
 
-def fit(params: Params, prepared_dir: str | Path, work_dir: str | Path, *, lr: float, batch_size: int,
+class FreezeEncoder(Callback):
+    """Keep the (pretrained) encoder fixed for the first ``epochs`` epochs, then train it too: the new
+    decoder settles before it can pull the encoder's features away."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        frozen = trainer.current_epoch < self.epochs
+        for p in pl_module.net.net.encoder.parameters():
+            p.requires_grad_(not frozen)
+        if frozen:  # BatchNorm statistics stay the pretrained ones as well
+            pl_module.net.net.encoder.eval()
+
+
+def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: int,
         max_epochs: int | None = None, max_minutes: float | None = None, callbacks=(), on_epoch=None,
-        progress: bool = True, checkpoints: bool = True, resume: bool = False) -> FitResult:
-    """Fit and return the best network. With ``resume`` and a ``last.ckpt`` left in ``work_dir`` by an
-    interrupted run of the same configuration, training continues from it (epoch, optimiser,
-    schedule, early-stopping and time budget included) instead of starting again."""
+        progress: bool = True, checkpoints: bool = True, resume: bool = False,
+        start_from: SegmentationNet | None = None) -> FitResult:
+    """Fit and return the best network. ``data``: a prepared folder or an ``ArraySplits``.
+    ``start_from``: continue from these weights instead of ``train.init`` (active-learning rounds).
+    With ``resume`` and a ``last.ckpt`` left in ``work_dir`` by an interrupted run of the same
+    configuration, training continues from it (epoch, optimiser, schedule, early-stopping and time
+    budget included) instead of starting again."""
     _quiet()
     cfg = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
     module = SegmentationModule(model_spec(params.model), lr=lr, weight_decay=cfg.weight_decay,
-                                loss=cfg.loss.model_dump(), threshold=cfg.threshold)
-    init_desc = initialise(module.net, cfg.init)
-    dm = EMDataModule(prepared_dir, cfg, batch_size, params.seed)
+                                loss=cfg.loss.model_dump(), threshold=cfg.threshold,
+                                encoder_lr_factor=cfg.encoder_lr_factor)
+    if start_from is not None:
+        module.net.load_state_dict(start_from.state_dict())
+        init_desc = "previous round"
+    else:
+        init_desc = initialise(module.net, cfg.init)
+    dm = EMDataModule(data, cfg, batch_size, params.seed)
     history = History(on_epoch)
     # PreciseBatchNorm first: validation, checkpoints and pruning must all see the recalibrated network.
     cbs = [PreciseBatchNorm(), history, EarlyStopping("val_iou", mode="max", patience=cfg.early_stopping_patience),
            *callbacks]
+    if cfg.freeze_encoder_epochs:
+        cbs.insert(0, FreezeEncoder(cfg.freeze_encoder_epochs))
     ckpt = None
     if checkpoints:
         ckpt = ModelCheckpoint(dirpath=Path(work_dir) / "checkpoints", filename="best", monitor="val_iou",

@@ -16,6 +16,9 @@ def run(params_path: str = "params.yaml", raw_dir: str = RAW_DIR, out_dir: str =
     print(
         f"prepare: {len(s['train']['slices'])} train slices {s['train']['slices']}, "
         f"{len(s['val']['slices'])} val, {s['test']['shape'][0]} test; "
-        f"foreground {100 * s['train']['foreground_fraction']:.1f}% -> {out_dir}"
+        f"foreground {100 * s['train']['foreground_fraction']:.1f}%"
+        + (f"; {manifest['annotations']['patches']} painted suggestion(s) from {manifest['annotations']['folder']}/"
+           if manifest["annotations"]["patches"] else "")
+        + f" -> {out_dir}"
     )
     return manifest

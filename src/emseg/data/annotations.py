@@ -1,0 +1,75 @@
+"""Painted `emseg suggest` templates back into the training data.
+
+Every ``suggestions.json`` under the annotations folder lists crops with a label template each.
+A template that holds any pixel other than its blank value has been worked on: its crop joins the
+training data, normalised by the statistics of the stack it was cut from (recorded by suggest),
+with the blank pixels marked IGNORE so the loss skips them. Untouched templates are left out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from emseg import IGNORE
+from emseg.errors import DataError
+
+
+def _read(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        return np.asarray(tifffile.imread(path))
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+
+
+def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
+    """(images float32, labels uint8 0/1/IGNORE, records) of every painted template under ``folder``."""
+    folder = Path(folder)
+    images, labels, records = [], [], []
+    if not folder.is_dir():
+        return images, labels, records
+    for meta_path in sorted(folder.rglob("suggestions.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            blank, norm = int(meta["blank"]), meta["normalisation"]
+            rows = meta["suggestions"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{meta_path}: not an `emseg suggest` record ({type(exc).__name__}: {exc})") from None
+        for r in rows:
+            lab_path, img_path = meta_path.parent / r["labels"], meta_path.parent / r["image"]
+            if not lab_path.is_file():
+                raise DataError(f"{lab_path}: label template listed in {meta_path.name} is missing")
+            lab = _read(lab_path)
+            if lab.ndim == 3 and lab.shape[-1] in (3, 4):  # an RGB(A) save from a paint program: one channel
+                lab = lab[..., 0]
+            values = set(np.unique(lab).tolist())
+            painted = values - {blank}
+            if not painted:
+                continue
+            fg = 1 if painted <= {0, 1} else 255
+            if not painted <= {0, fg}:
+                raise DataError(f"{lab_path}: label values {sorted(painted - {0, 1, 255}) or sorted(painted)} unexpected; "
+                                f"expected 255 (or 1) object, 0 background, {blank} blank")
+            img = _read(img_path)
+            if img.shape != lab.shape:
+                raise DataError(f"{lab_path}: shape {lab.shape} differs from its image {img_path.name} {img.shape}")
+            out = np.where(lab == fg, 1, 0).astype(np.uint8)
+            out[lab == blank] = IGNORE
+            images.append(((img.astype(np.float32) - norm["mean"]) / norm["std"]).astype(np.float32))
+            labels.append(out)
+            records.append({"file": str(lab_path.relative_to(folder)), "slice": r["slice"], "y": r["y"], "x": r["x"],
+                            "labelled_pixels": int((out != IGNORE).sum()), "source": meta.get("input")})
+    return images, labels, records
+
+
+def stack_padded(images: list[np.ndarray], labels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Crops of different sizes in one (n, H, W) array each: padded (reflect / IGNORE) to the largest."""
+    h = max(i.shape[0] for i in images)
+    w = max(i.shape[1] for i in images)
+    xs = [np.pad(i, ((0, h - i.shape[0]), (0, w - i.shape[1])), mode="reflect") for i in images]
+    ys = [np.pad(lab, ((0, h - lab.shape[0]), (0, w - lab.shape[1])), constant_values=IGNORE) for lab in labels]
+    return np.stack(xs), np.stack(ys)
