@@ -109,20 +109,36 @@ def test_suggest_then_painted_labels_join_the_next_dvc_repro(repro_project, tmp_
     assert again.returncode == 1 and "holds painted labels" in again.stderr
     assert (tifffile.imread(out / rows[0]["labels"]) != 128).any()
 
-    client = _client(proj)
-    n_runs = len(client.search_runs([client.get_experiment_by_name("emseg").experiment_id]))
-    proc = run_cli(["dvc", "repro"], proj, check=True)
+    # DVC sees the painted labels: prepare (and everything after it) is out of date; prepare takes them in.
+    status = run_cli(["dvc", "status"], proj, check=True).stdout
+    assert "annotations" in status and "prepare" in status
+    proc = run_cli(["dvc", "repro", "prepare"], proj, check=True)
     assert "2 painted suggestion(s) from annotations/" in proc.stdout
-    manifest = json.loads((proj / "data" / "prepared" / "manifest.json").read_text())
+    prepared = proj / "data" / "prepared"
+    manifest = json.loads((prepared / "manifest.json").read_text())
     assert manifest["annotations"]["patches"] == 2
     assert manifest["annotations"]["labelled_pixels"] == 2 * 64 * 128
-    labels = np.load(proj / "data" / "prepared" / "annotations_labels.npy")
+    labels = np.load(prepared / "annotations_labels.npy")
     assert labels.shape == (2, 128, 128)
     assert (labels[:, 64:] == IGNORE).all() and (labels[:, :64] != IGNORE).all()
     z0, y0, x0 = (int(rows[0][k]) for k in ("slice", "y", "x"))
     assert np.array_equal(labels[0, :64] == 1, truth[z0, y0:y0 + 64, x0:x0 + 128] == 255)
-    # ...and the pipeline retrained on them: a new tracked run.
-    assert len(client.search_runs([client.get_experiment_by_name("emseg").experiment_id])) > n_runs
+    # The next training draws patches from them, a quarter to three quarters of each epoch.
+    from emseg.config import load_params
+    from emseg.data.patches import MixedPatches
+    from emseg.model.module import EMDataModule
+
+    params = load_params(proj / "params.yaml")
+    dm = EMDataModule(prepared, params.train, 4, 0)
+    dm.setup()
+    assert isinstance(dm.train_set, MixedPatches)
+    slices_part, painted_part = dm.train_set.parts
+    assert len(painted_part) >= params.train.patches_per_epoch // 4
+    assert len(slices_part) + len(painted_part) == params.train.patches_per_epoch
+    for i in range(len(painted_part)):
+        _, lab = painted_part[i]
+        assert (lab != IGNORE).any()  # centred on painted pixels, never on blank ground
+    assert "train" in run_cli(["dvc", "status"], proj, check=True).stdout
 
 
 def test_painted_labels_with_wrong_values_are_refused(tmp_path):

@@ -189,9 +189,9 @@ class ActiveParams(_Strict):
     # local folder that exists, generated otherwise).
     source: Literal["auto", "epfl", "generated"] = "auto"
     downsample: Annotated[int, Field(ge=1, le=8)] = 2  # simulation runs on slices binned by this factor
-    pool_slices: Annotated[int, Field(ge=1)] = 16  # training-stack slices the pool is cut from (evenly spaced)
+    pool_slices: Annotated[int, Field(ge=1)] = 12  # training-stack slices the pool is cut from (evenly spaced)
     val_slices: Annotated[int, Field(ge=1)] = 2
-    test_slices: Optional[PositiveInt] = 10  # evenly spaced test slices scored each round; null: all
+    test_slices: Optional[PositiveInt] = 8  # evenly spaced test slices scored each round; null: all
     patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128  # the unit a person labels
     stride: Optional[PositiveInt] = None  # grid step of candidate patches; null: half a patch
     initial: PositiveInt = 4  # random patches labelled before the first query
@@ -206,9 +206,9 @@ class ActiveParams(_Strict):
     max_overlap: Probability = 0.25  # picks overlapping more than this share of a patch are near-duplicates...
     z_gap: Annotated[int, Field(ge=0)] = 1  # ...when they are at most this many slices apart
     label_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of a queried patch the oracle labels
-    epochs_first: PositiveInt = 10
+    epochs_first: PositiveInt = 8
     epochs_round: PositiveInt = 3
-    patches_per_epoch: PositiveInt = 40
+    patches_per_epoch: PositiveInt = 32
     batch_size: PositiveInt = 8
     lr: PositiveFloat = 0.002
 
@@ -248,10 +248,10 @@ class LearningCurveParams(_Strict):
     val_slices: PositiveInt = 2
     test_slices: Optional[PositiveInt] = 10  # evenly spaced test slices; null: all
     patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128
-    patches_per_epoch: PositiveInt = 40
+    patches_per_epoch: PositiveInt = 32
     batch_size: PositiveInt = 8
     lr: PositiveFloat = 0.002
-    epochs: PositiveInt = 6
+    epochs: PositiveInt = 8
     pretrained_uri: str = "models:/emseg-pretrained@pretrained"
     freeze_encoder_epochs: Annotated[int, Field(ge=0)] = 1  # fine-tuning: decoder first
     encoder_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5

@@ -1,0 +1,186 @@
+"""Stage `learning-curve` (pipelines/learning_curve): test IoU against labelled slices, scratch vs pretrained.
+
+For every slice count in ``learning_curve.slice_counts`` (``all``: every slice but the validation
+ones), initialisation and seed: draw that many training slices at random (seeded), train, score the
+test slices. Writes reports/learning_curve/: points.csv (every run), table.md and table.csv (mean and
+spread), curves.png, summary.json (the comparisons of the field reports); every point is an MLflow run
+(experiment ``<tracking.experiment>-learning-curve``) tagged with slices, init and seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from emseg import tracking
+from emseg.config import load_params
+from emseg.errors import ConfigError
+from emseg.fsutil import staged_files, write_json
+
+REPORT_DIR = "reports/learning_curve"
+
+
+def load_target(params):
+    from emseg.data.generate import generate_stack
+    from emseg.data.stacks import evenly, load_labelled, rescale
+    from emseg.stages.active_learning import resolve_source
+
+    cfg = params.learning_curve
+    source = resolve_source(params, cfg.source)
+    if source == "epfl":
+        import tifffile
+
+        from emseg.data.sources import EPFL_FILES, ensure_epfl_file
+
+        f = {role: ensure_epfl_file(name, params.data.epfl) for role, name in EPFL_FILES.items()}
+        x, y, _ = load_labelled(f["train_image"], f["train_labels"], None, scale=cfg.scale)
+        n_test = len(tifffile.TiffFile(f["test_image"]).pages)
+        tx, ty, _ = load_labelled(f["test_image"], f["test_labels"], evenly(n_test, cfg.test_slices), scale=cfg.scale)
+    else:
+        g = params.data.generated
+        img, lab = generate_stack(g.seed, g.slices + g.test_slices, g.height, g.width)
+        img = img.astype(np.float32)
+        img = (img - img[:g.slices].mean()) / img[:g.slices].std()
+        pairs = [rescale(a, (b > 0).astype(np.uint8), cfg.scale) for a, b in zip(img, lab)]
+        xs, ys = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        x, y, tx, ty = xs[:g.slices], ys[:g.slices], xs[g.slices:], ys[g.slices:]
+    val_idx = evenly(len(x), cfg.val_slices)
+    pool = [z for z in range(len(x)) if z not in val_idx]
+    return source, x, y, val_idx, pool, tx, ty
+
+
+def _counts(cfg, n_pool: int) -> list[int]:
+    counts = []
+    for c in cfg.slice_counts:
+        n = n_pool if c == "all" else int(c)
+        if n > n_pool:
+            raise ConfigError(f"params.yaml: learning_curve.slice_counts: {n} is more than the {n_pool} training "
+                              "slices left after validation")
+        counts.append(n)
+    return sorted(set(counts))
+
+
+def summarise(points: list[dict]) -> tuple[list[dict], dict]:
+    table = []
+    for init in dict.fromkeys(p["init"] for p in points):
+        for n in sorted({p["slices"] for p in points if p["init"] == init}):
+            v = [p["test_iou"] for p in points if p["init"] == init and p["slices"] == n]
+            table.append({"init": init, "slices": n, "mean_iou": round(float(np.mean(v)), 4),
+                          "std_iou": round(float(np.std(v)), 4), "min_iou": round(min(v), 4),
+                          "max_iou": round(max(v), 4), "seeds": len(v)})
+    get = {(r["init"], r["slices"]): r for r in table}
+    counts = sorted({p["slices"] for p in points})
+    out = {"counts": counts}
+    if ("scratch", 12) in get and ("pretrained", 4) in get:
+        s12, p4 = get[("scratch", 12)], get[("pretrained", 4)]
+        out["pretrained_4_vs_scratch_12"] = {"pretrained_4": p4["mean_iou"], "scratch_12": s12["mean_iou"],
+                                             "met": p4["mean_iou"] >= s12["mean_iou"]}
+    if ("scratch", 12) in get and ("scratch", counts[-1]) in get:
+        out["scratch_12_vs_all"] = {"12": get[("scratch", 12)]["mean_iou"],
+                                    str(counts[-1]): get[("scratch", counts[-1])]["mean_iou"]}
+    # Labels saved: the fewest slices with which pretrained reaches scratch's mean at each count.
+    saved = {}
+    for n in counts:
+        if ("scratch", n) in get:
+            reach = [m for m in counts if ("pretrained", m) in get and get[("pretrained", m)]["mean_iou"] >= get[("scratch", n)]["mean_iou"]]
+            saved[str(n)] = reach[0] if reach else None
+    out["pretrained_slices_to_match_scratch"] = saved
+    out["table"] = table
+    return table, out
+
+
+def plot(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for init in dict.fromkeys(r["init"] for r in table):
+        rows = [r for r in table if r["init"] == init]
+        n = [r["slices"] for r in rows]
+        ax.plot(n, [r["mean_iou"] for r in rows], marker="o", label=init)
+        ax.fill_between(n, [r["min_iou"] for r in rows], [r["max_iou"] for r in rows], alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["slices"] for r in table}), [str(v) for v in sorted({r["slices"] for r in table})])
+    ax.set_xlabel("labelled training slices")
+    ax.set_ylabel("test foreground IoU")
+    ax.set_title(title + " (mean over seeds, band: min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(params_path: str = "params.yaml") -> dict:
+    import mlflow
+    from tqdm.auto import tqdm
+
+    from emseg.active.loop import pixel_iou
+    from emseg.model.module import ArraySplits
+    from emseg.model.train import fit
+
+    params = load_params(params_path)
+    cfg = params.learning_curve
+    source, x, y, val_idx, pool, tx, ty = load_target(params)
+    counts = _counts(cfg, len(pool))
+    tracking.configure(params.tracking.model_copy(update={"experiment": f"{params.tracking.experiment}-learning-curve"}))
+    weights = None
+    if "pretrained" in cfg.inits:
+        weights = tracking.download_weights(cfg.pretrained_uri)  # once, not per run
+    points = []
+    bar = tqdm(total=len(counts) * len(cfg.inits) * len(cfg.seeds), desc="learning curve", unit="run")
+    for init in cfg.inits:
+        for n in counts:
+            for seed in cfg.seeds:
+                chosen = sorted(np.random.default_rng([seed, n]).choice(pool, n, replace=False).tolist())
+                init_p = (params.train.init.model_copy(update={"mode": "checkpoint", "path": str(weights)})
+                          if init == "pretrained" else params.train.init.model_copy(update={"mode": "scratch"}))
+                train = params.train.model_copy(update={
+                    "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch,
+                    "batch_size": cfg.batch_size, "lr": cfg.lr, "max_epochs": cfg.epochs, "use_tuned": False,
+                    "early_stopping_patience": cfg.epochs, "max_minutes": None, "init": init_p,
+                    "freeze_encoder_epochs": cfg.freeze_encoder_epochs if init == "pretrained" else 0,
+                    "encoder_lr_factor": cfg.encoder_lr_factor if init == "pretrained" else 1.0})
+                p = params.model_copy(update={"train": train, "seed": seed})
+                with tracking.start_run(run_name=f"{init}-{n}sl-seed{seed}",
+                                        tags={"labelled_slices": str(n), "init": init, "seed": str(seed),
+                                              "dataset": source, "emseg.pipeline": "learning_curve"}):
+                    mlflow.log_params({"labelled_slices": n, "init": init, "seed": seed, "epochs": cfg.epochs,
+                                       "lr": cfg.lr, "scale": cfg.scale, "train_slices": str(chosen)[:500]})
+                    with tempfile.TemporaryDirectory(prefix="emseg-lc-") as work:
+                        res = fit(p, ArraySplits(x[chosen], y[chosen], x[val_idx], y[val_idx]), work, lr=cfg.lr,
+                                  batch_size=cfg.batch_size, progress=False)
+                    iou = pixel_iou(res.net, tx, ty)
+                    mlflow.log_metrics({"test_iou": iou, "best_val_iou": res.best_score, "train_seconds": res.seconds})
+                points.append({"init": init, "slices": n, "seed": seed, "test_iou": round(iou, 4),
+                               "best_val_iou": round(res.best_score, 4), "train_seconds": round(res.seconds, 1)})
+                bar.update()
+                bar.set_postfix_str(f"{init} {n} slices seed {seed}: IoU {iou:.3f}")
+    bar.close()
+    table, summary = summarise(points)
+    summary["data"] = {"source": source, "scale": cfg.scale, "val_slices": val_idx, "test_slices": len(tx)}
+    with staged_files(REPORT_DIR) as rep:
+        for name, rows in (("points.csv", points), ("table.csv", table)):
+            with open(rep / name, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        lines = ["| init | labelled slices | test IoU mean | spread (std) | min | max | seeds |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['init']} | {r['slices']} | {r['mean_iou']:.3f} | {r['std_iou']:.3f} | {r['min_iou']:.3f} | "
+                  f"{r['max_iou']:.3f} | {r['seeds']} |" for r in table]
+        (rep / "table.md").write_text("\n".join(lines) + "\n")
+        plot(table, rep / "curves.png", f"{source} at scale {cfg.scale:g}, {len(cfg.seeds)} seeds")
+        write_json(rep / "summary.json", summary)
+        with tracking.start_run(run_name="learning-curve-summary", tags={"emseg.pipeline": "learning_curve"}):
+            for f in ("curves.png", "table.md", "table.csv", "points.csv"):
+                mlflow.log_artifact(str(rep / f))
+    cmp = summary.get("pretrained_4_vs_scratch_12")
+    extra = (f"; pretrained@4 {cmp['pretrained_4']:.3f} vs scratch@12 {cmp['scratch_12']:.3f}" if cmp else "")
+    print(f"learning-curve: {len(points)} runs on {source} ({', '.join(cfg.inits)} x {counts} slices x "
+          f"{len(cfg.seeds)} seeds){extra} -> {REPORT_DIR}/table.md")
+    return summary

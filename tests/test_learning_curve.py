@@ -1,0 +1,94 @@
+"""Cross-dataset pretraining and learning curves, through DVC, on the real stacks in ../shared/data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import EPFL, ISBI, VNC, make_project, run_cli, write_params
+
+
+def _client(proj):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+TINY_LC = {
+    "model": {"decoder_channels": [64, 32, 16, 16, 8]},
+    "pretrain": {"sources": [
+        {"name": "vnc-mitochondria", "image": str(VNC / "stack1_raw.tif"), "labels": str(VNC / "stack1_mitochondria.tif"),
+         "scale": 0.25, "val_slices": 1},
+        {"name": "isbi-membranes", "image": str(ISBI / "train-volume.tif"), "labels": str(ISBI / "train-labels.tif"),
+         "scale": 0.5, "invert": True, "val_slices": 1}],
+        "max_epochs": 2, "patches_per_epoch": 8, "patch_size": 64, "batch_size": 4},
+    "learning_curve": {"source": "epfl", "scale": 0.25, "slice_counts": [1, 4, "all"], "seeds": [0, 1], "epochs": 1,
+                       "patches_per_epoch": 8, "patch_size": 64, "batch_size": 4, "test_slices": 2},
+}
+
+
+@pytest.mark.slow
+def test_pretrain_then_learning_curve_through_dvc(tmp_path, shared):
+    proj = make_project(tmp_path / "proj")
+    write_params(proj, {**TINY_LC, "data": {"epfl": {"mirrors": [str(EPFL)], "cache_dir": str(tmp_path / "cache")}}})
+    # The learning-curve pipeline pulls in the pretrain stage it depends on.
+    proc = run_cli(["dvc", "repro", "pipelines/learning_curve/dvc.yaml"], proj, check=True)
+    assert "pretrain: 2 epochs on vnc-mitochondria+isbi-membranes" in proc.stdout
+    assert "learning-curve: 12 runs on epfl" in proc.stdout
+    client = _client(proj)
+    mv = client.get_model_version_by_alias("emseg-pretrained", "pretrained")
+    pre = json.loads((proj / "reports/pretrain/metrics.json").read_text())
+    assert pre["registered"]["version"] == int(mv.version)
+    assert [s["name"] for s in pre["sources"]] == ["vnc-mitochondria", "isbi-membranes"]
+    # Per-dataset scale: VNC 1024 px at 0.25 and ISBI 512 px at 0.5 both give 256 px slices.
+    assert [s["shape"] for s in pre["sources"]] == [[256, 256], [256, 256]]
+    # ISBI inverted: membranes (the thin dark lines, ~22 % of pixels) become the foreground.
+    assert 0.1 < pre["sources"][1]["foreground"] < 0.35
+    assert (proj / "models/pretrained.pt").exists()
+
+    rows = list(csv.DictReader(open(proj / "reports/learning_curve/points.csv")))
+    assert len(rows) == 2 * 3 * 2
+    assert {int(r["slices"]) for r in rows} == {1, 4, 163}  # all = 165 training slices minus 2 for validation
+    assert {r["init"] for r in rows} == {"scratch", "pretrained"}
+    summary = json.loads((proj / "reports/learning_curve/summary.json").read_text())
+    assert summary["counts"] == [1, 4, 163] and len(summary["table"]) == 6
+    assert "| pretrained | 4 |" in (proj / "reports/learning_curve/table.md").read_text()
+    assert (proj / "reports/learning_curve/curves.png").stat().st_size > 10_000
+    exp = client.get_experiment_by_name("emseg-learning-curve")
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=200) if "labelled_slices" in r.data.tags]
+    assert len(runs) == 12 and all("test_iou" in r.data.metrics for r in runs)
+    assert {(r.data.tags["init"], r.data.tags["labelled_slices"], r.data.tags["seed"]) for r in runs} == {
+        (i, n, s) for i in ("scratch", "pretrained") for n in ("1", "4", "163") for s in ("0", "1")}
+    assert "up to date" in run_cli(["dvc", "status", "pipelines/learning_curve/dvc.yaml"], proj, check=True).stdout
+
+
+def test_fine_tuning_keeps_the_encoder_frozen_for_the_first_epochs(tmp_path):
+    from emseg.config import Params
+    from emseg.model.module import ArraySplits
+    from emseg.model.network import SegmentationNet
+    from emseg.model.train import fit
+
+    g = np.random.default_rng(0)
+    x = g.standard_normal((2, 64, 64)).astype(np.float32)
+    y = (x > 0.5).astype(np.uint8)
+    params = Params.model_validate({"model": {"encoder": "resnet18", "decoder_channels": [32, 16, 8, 8, 8]},
+                                    "train": {"patch_size": 32, "patches_per_epoch": 8, "batch_size": 4, "max_epochs": 1,
+                                              "freeze_encoder_epochs": 1, "augment": {"elastic": 0}}})
+    start = SegmentationNet(params.model.model_dump())
+    res = fit(params, ArraySplits(x, y, x[:1], y[:1]), tmp_path, lr=0.01, batch_size=4, progress=False,
+              checkpoints=False, start_from=start)
+    enc0 = {k: v for k, v in start.state_dict().items() if ".encoder." in k and "running" not in k and "num_batches" not in k}
+    enc1 = {k: v for k, v in res.net.state_dict().items() if k in enc0}
+    assert all(torch.equal(enc0[k], enc1[k]) for k in enc0)  # frozen: not one encoder weight moved
+    dec0 = start.state_dict()["net.segmentation_head.0.weight"]
+    assert not torch.equal(dec0, res.net.state_dict()["net.segmentation_head.0.weight"])  # the decoder learned
+    # Without freezing the encoder moves too.
+    free = params.model_copy(update={"train": params.train.model_copy(update={"freeze_encoder_epochs": 0})})
+    res2 = fit(free, ArraySplits(x, y, x[:1], y[:1]), tmp_path / "b", lr=0.01, batch_size=4, progress=False,
+               checkpoints=False, start_from=start)
+    assert not all(torch.equal(enc0[k], res2.net.state_dict()[k]) for k in enc0)
