@@ -40,6 +40,18 @@ def run_cli(args, cwd, check=False, env=None, timeout=1200) -> subprocess.Comple
     return proc
 
 
+def mlflow_client(proj: Path):
+    """A client on a project's MLflow store. Both URIs, also set process-wide: an earlier test in this
+    process may have pointed MLflow's registry elsewhere."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def write_params(project: Path, updates: dict) -> dict:
     """Deep-merge ``updates`` into the project's params.yaml and write it back."""
     path = project / "params.yaml"
@@ -72,6 +84,13 @@ def make_project(dest: Path, git: bool = True) -> Path:
         run_cli(["dvc", "init", "-q"], dest, check=True)
         run_cli(["dvc", "config", "core.autostage", "true"], dest, check=True)
     return dest
+
+
+def epfl_project(tmp_path: Path, updates: dict) -> Path:
+    """A scratch project whose EPFL mirror is ../shared/data (cached inside tmp_path), with ``updates``."""
+    proj = make_project(tmp_path / "proj")
+    write_params(proj, {**updates, "data": {"epfl": {"mirrors": [str(EPFL)], "cache_dir": str(tmp_path / "cache")}}})
+    return proj
 
 
 SMALL_GENERATED = {"data": {"source": "generated", "train_slices": 3, "val_slices": 1,

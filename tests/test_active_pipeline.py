@@ -10,9 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
-import yaml
 
-from conftest import EPFL, make_project, run_cli, write_params
+from conftest import EPFL, epfl_project, mlflow_client, run_cli
 from emseg import IGNORE
 
 TINY_AL = {"active": {"source": "epfl", "downsample": 4, "pool_slices": 3, "val_slices": 1, "test_slices": 2,
@@ -22,17 +21,9 @@ TINY_AL = {"active": {"source": "epfl", "downsample": 4, "pool_slices": 3, "val_
            "model": {"decoder_channels": [64, 32, 16, 16, 8]}}
 
 
-def _client(proj):
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 @pytest.mark.slow
 def test_active_learning_pipeline_on_epfl_tracks_every_round(tmp_path, shared):
-    proj = make_project(tmp_path / "proj")
-    write_params(proj, {**TINY_AL, "data": {"epfl": {"mirrors": [str(EPFL)], "cache_dir": str(tmp_path / "cache")}}})
+    proj = epfl_project(tmp_path, TINY_AL)
     proc = run_cli(["dvc", "repro", "pipelines/active_learning/dvc.yaml"], proj, check=True)
     assert "active-learning: 7 strategies x 2 seeds x 2 rounds on epfl" in proc.stdout
     rep = proj / "reports" / "active_learning"
@@ -55,7 +46,7 @@ def test_active_learning_pipeline_on_epfl_tracks_every_round(tmp_path, shared):
     wide = list(csv.DictReader(open(rep / "by_budget.csv")))
     assert [int(r["labelled"]) for r in wide] == [2, 4]
     # MLflow: one parent run per strategy, a nested run per seed and round, tagged for the UI.
-    client = _client(proj)
+    client = mlflow_client(proj)
     exp = client.get_experiment_by_name("emseg-active-learning")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     parents = [r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("al-") and "strategy" in r.data.tags

@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EPFL, ISBI, VNC, make_project, run_cli, write_params
-
-
-def _client(proj):
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+from conftest import ISBI, VNC, epfl_project, mlflow_client, run_cli
 
 
 TINY_LC = {
@@ -34,13 +27,12 @@ TINY_LC = {
 
 @pytest.mark.slow
 def test_pretrain_then_learning_curve_through_dvc(tmp_path, shared):
-    proj = make_project(tmp_path / "proj")
-    write_params(proj, {**TINY_LC, "data": {"epfl": {"mirrors": [str(EPFL)], "cache_dir": str(tmp_path / "cache")}}})
+    proj = epfl_project(tmp_path, TINY_LC)
     # The learning-curve pipeline pulls in the pretrain stage it depends on.
     proc = run_cli(["dvc", "repro", "pipelines/learning_curve/dvc.yaml"], proj, check=True)
     assert "pretrain: 2 epochs on vnc-mitochondria+isbi-membranes" in proc.stdout
     assert "learning-curve: 12 runs on epfl" in proc.stdout
-    client = _client(proj)
+    client = mlflow_client(proj)
     mv = client.get_model_version_by_alias("emseg-pretrained", "pretrained")
     pre = json.loads((proj / "reports/pretrain/metrics.json").read_text())
     assert pre["registered"]["version"] == int(mv.version)

@@ -12,16 +12,8 @@ import time
 import mlflow
 import optuna
 import pytest
-from mlflow import MlflowClient
 
-from conftest import TINY, make_project, run_cli, write_params
-
-def _client(proj):
-    # Both URIs: an earlier test in this process may have pointed MLflow's registry elsewhere.
-    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+from conftest import TINY, make_project, mlflow_client, run_cli, write_params
 
 
 @pytest.mark.slow
@@ -37,9 +29,9 @@ def test_dvc_repro_runs_prepare_tune_train_and_tracks_everything(repro_project):
     assert (proj / "models/model.pt").stat().st_size > 1e6
     hist = (proj / "reports/train/history.csv").read_text().splitlines()
     assert hist[0] == "epoch,train_loss,val_loss,train_acc,val_acc,train_iou,val_iou" and len(hist) == 1 + metrics["epochs"]
-    assert "up to date" in run_cli(["dvc", "status"], proj, check=True).stdout.lower()
+    assert "up to date" in run_cli(["dvc", "status", "dvc.yaml"], proj, check=True).stdout.lower()
 
-    client = _client(proj)
+    client = mlflow_client(proj)
     exp = client.get_experiment_by_name("emseg")
     runs = client.search_runs([exp.experiment_id])
     train = [r for r in runs if r.info.run_name.startswith("train-")]
@@ -80,7 +72,7 @@ def test_evaluate_and_register_give_a_champion_that_a_worse_run_does_not_take(re
     assert pr[0] == "threshold,precision,recall" and len(pr) == 100
     first = json.loads((proj / "reports/register/registration.json").read_text())
     assert first["version"] == 1 and first["promoted"] and first["champion_test_iou_before"] is None
-    client = _client(proj)
+    client = mlflow_client(proj)
     champ = client.get_model_version_by_alias("emseg-unet", "champion")
     assert str(champ.version) == "1" and float(champ.tags["test_iou"]) == pytest.approx(metrics["iou"], abs=1e-6)
     run_id = json.loads((proj / "reports/train/run.json").read_text())["run_id"]
@@ -182,7 +174,7 @@ def test_predict_bad_input_is_one_line_and_changes_nothing(repro_project, tmp_pa
     import tifffile
 
     proj, _ = repro_project
-    client = _client(proj)
+    client = mlflow_client(proj)
     versions_before = len(client.search_model_versions("name='emseg-unet'"))
     stack = tmp_path / "in.tif"
     tifffile.imwrite(stack, np.zeros((2, 64, 64), np.uint8) + np.arange(64, dtype=np.uint8))

@@ -77,3 +77,28 @@ def plot_suggestions(slices: dict, rows: list[dict], path: str | Path, max_slice
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
+
+
+def plot_mean_band(series: dict, path: str | Path, xlabel: str, ylabel: str, title: str, log2_x: bool = False,
+                   dashed=()) -> Path:
+    """One line per series: ``series[name] = {x: [values over seeds]}``; line = mean, band = min..max."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ticks = set()
+    for name, by_x in series.items():
+        xs = sorted(by_x)
+        ticks |= set(xs)
+        ax.plot(xs, [np.mean(by_x[x]) for x in xs], marker="o", label=name,
+                ls="--" if name in dashed else "-", lw=2.2 if name in dashed else 1.4)
+        ax.fill_between(xs, [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs], alpha=0.12)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + " (line: mean over seeds, band: min-max)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

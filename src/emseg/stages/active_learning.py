@@ -8,7 +8,6 @@ MLflow run, nested in one parent run per strategy (experiment ``<tracking.experi
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -116,27 +115,12 @@ def _markdown(summary: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    from emseg.plots import plot_mean_band
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in dict.fromkeys(r["strategy"] for r in rows):
-        budgets = sorted({r["labelled"] for r in rows if r["strategy"] == s})
-        vals = [[r["test_iou"] for r in rows if r["strategy"] == s and r["labelled"] == b] for b in budgets]
-        mean = np.array([np.mean(v) for v in vals])
-        ax.plot(budgets, mean, marker="o", label=s, lw=2.2 if s == "random" else 1.4,
-                ls="--" if s == "random" else "-")
-        ax.fill_between(budgets, [min(v) for v in vals], [max(v) for v in vals], alpha=0.12)
-    ax.set_xlabel("labelled patches")
-    ax.set_ylabel("test foreground IoU")
-    ax.set_title(title + " (line: mean over seeds, band: min-max)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series: dict = {}
+    for r in rows:
+        series.setdefault(r["strategy"], {}).setdefault(r["labelled"], []).append(r["test_iou"])
+    plot_mean_band(series, path, "labelled patches", "test foreground IoU", title, dashed=("random",))
 
 
 def run(params_path: str = "params.yaml") -> dict:

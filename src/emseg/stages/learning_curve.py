@@ -92,28 +92,13 @@ def summarise(points: list[dict]) -> tuple[list[dict], dict]:
     return table, out
 
 
-def plot(table: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def plot(points: list[dict], path: Path, title: str) -> None:
+    from emseg.plots import plot_mean_band
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for init in dict.fromkeys(r["init"] for r in table):
-        rows = [r for r in table if r["init"] == init]
-        n = [r["slices"] for r in rows]
-        ax.plot(n, [r["mean_iou"] for r in rows], marker="o", label=init)
-        ax.fill_between(n, [r["min_iou"] for r in rows], [r["max_iou"] for r in rows], alpha=0.15)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({r["slices"] for r in table}), [str(v) for v in sorted({r["slices"] for r in table})])
-    ax.set_xlabel("labelled training slices")
-    ax.set_ylabel("test foreground IoU")
-    ax.set_title(title + " (mean over seeds, band: min-max)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series: dict = {}
+    for p in points:
+        series.setdefault(p["init"], {}).setdefault(p["slices"], []).append(p["test_iou"])
+    plot_mean_band(series, path, "labelled training slices", "test foreground IoU", title, log2_x=True)
 
 
 def run(params_path: str = "params.yaml") -> dict:
@@ -174,7 +159,7 @@ def run(params_path: str = "params.yaml") -> dict:
         lines += [f"| {r['init']} | {r['slices']} | {r['mean_iou']:.3f} | {r['std_iou']:.3f} | {r['min_iou']:.3f} | "
                   f"{r['max_iou']:.3f} | {r['seeds']} |" for r in table]
         (rep / "table.md").write_text("\n".join(lines) + "\n")
-        plot(table, rep / "curves.png", f"{source} at scale {cfg.scale:g}, {len(cfg.seeds)} seeds")
+        plot(points, rep / "curves.png", f"{source} at scale {cfg.scale:g}, {len(cfg.seeds)} seeds")
         write_json(rep / "summary.json", summary)
         with tracking.start_run(run_name="learning-curve-summary", tags={"emseg.pipeline": "learning_curve"}):
             for f in ("curves.png", "table.md", "table.csv", "points.csv"):
