@@ -15,7 +15,7 @@ from conftest import EPFL, epfl_project, mlflow_client, run_cli
 from emseg import IGNORE
 
 TINY_AL = {"active": {"source": "epfl", "downsample": 4, "pool_slices": 3, "val_slices": 1, "test_slices": 2,
-                      "patch_size": 64, "initial": 2, "query": 2, "rounds": 1, "seeds": [0, 1], "mc_passes": 3,
+                      "patch_size": 64, "initial": 2, "query": 2, "rounds": 1, "seeds": [0], "mc_passes": 3,
                       "label_fraction": 0.5, "epochs_first": 1, "epochs_round": 1, "patches_per_epoch": 8,
                       "batch_size": 4},
            "model": {"decoder_channels": [64, 32, 16, 16, 8]}}
@@ -25,10 +25,10 @@ TINY_AL = {"active": {"source": "epfl", "downsample": 4, "pool_slices": 3, "val_
 def test_active_learning_pipeline_on_epfl_tracks_every_round(tmp_path, shared):
     proj = epfl_project(tmp_path, TINY_AL)
     proc = run_cli(["dvc", "repro", "pipelines/active_learning/dvc.yaml"], proj, check=True)
-    assert "active-learning: 7 strategies x 2 seeds x 2 rounds on epfl" in proc.stdout
+    assert "active-learning: 7 strategies x 1 seed x 2 rounds on epfl" in proc.stdout
     rep = proj / "reports" / "active_learning"
     rows = list(csv.DictReader(open(rep / "curves.csv")))
-    assert len(rows) == 7 * 2 * 2
+    assert len(rows) == 7 * 2
     assert {r["strategy"] for r in rows} == {"random", "entropy", "least_confidence", "bald", "kmeans", "coreset", "hybrid"}
     for r in rows:
         n = int(r["labelled"])
@@ -37,8 +37,7 @@ def test_active_learning_pipeline_on_epfl_tracks_every_round(tmp_path, shared):
         assert 0 < int(r["labelled_pixels"]) < n * 64 * 64
         assert 0.0 <= float(r["test_iou"]) <= 1.0
     # Round 0 is the same random start for every strategy of a seed.
-    for seed in ("0", "1"):
-        assert len({r["test_iou"] for r in rows if r["round"] == "0" and r["seed"] == seed}) == 1
+    assert len({r["test_iou"] for r in rows if r["round"] == "0"}) == 1
     summary = json.loads((rep / "summary.json").read_text())
     assert summary["budgets"] == [2, 4] and summary["data"]["source"] == "epfl"
     assert set(summary["strategies"]["bald"]) >= {"mean_iou", "labels_to_reach_random_at_largest"}
@@ -54,7 +53,7 @@ def test_active_learning_pipeline_on_epfl_tracks_every_round(tmp_path, shared):
     assert sorted(r.data.tags["strategy"] for r in parents) == sorted(summary["strategies"])
     for parent in parents:
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
+        assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
         assert {k.data.tags["labelled_patches"] for k in kids} == {"2", "4"}
         assert "test_iou" in kids[0].data.metrics
         hist = client.get_metric_history(parent.info.run_id, "test_iou_mean")

@@ -20,7 +20,7 @@ TINY_LC = {
         {"name": "isbi-membranes", "image": str(ISBI / "train-volume.tif"), "labels": str(ISBI / "train-labels.tif"),
          "scale": 0.5, "invert": True, "val_slices": 1}],
         "max_epochs": 2, "patches_per_epoch": 8, "patch_size": 64, "batch_size": 4},
-    "learning_curve": {"source": "epfl", "scale": 0.25, "slice_counts": [1, 4, "all"], "seeds": [0, 1], "epochs": 1,
+    "learning_curve": {"source": "epfl", "scale": 0.25, "slice_counts": [4, "all"], "seeds": [0, 1], "epochs": 1,
                        "patches_per_epoch": 8, "patch_size": 64, "batch_size": 4, "test_slices": 2},
 }
 
@@ -31,7 +31,7 @@ def test_pretrain_then_learning_curve_through_dvc(tmp_path, shared):
     # The learning-curve pipeline pulls in the pretrain stage it depends on.
     proc = run_cli(["dvc", "repro", "pipelines/learning_curve/dvc.yaml"], proj, check=True)
     assert "pretrain: 2 epochs on vnc-mitochondria+isbi-membranes" in proc.stdout
-    assert "learning-curve: 12 runs on epfl" in proc.stdout
+    assert "learning-curve: 8 runs on epfl" in proc.stdout
     client = mlflow_client(proj)
     mv = client.get_model_version_by_alias("emseg-pretrained", "pretrained")
     pre = json.loads((proj / "reports/pretrain/metrics.json").read_text())
@@ -44,18 +44,18 @@ def test_pretrain_then_learning_curve_through_dvc(tmp_path, shared):
     assert (proj / "models/pretrained.pt").exists()
 
     rows = list(csv.DictReader(open(proj / "reports/learning_curve/points.csv")))
-    assert len(rows) == 2 * 3 * 2
-    assert {int(r["slices"]) for r in rows} == {1, 4, 163}  # all = 165 training slices minus 2 for validation
+    assert len(rows) == 2 * 2 * 2
+    assert {int(r["slices"]) for r in rows} == {4, 163}  # all = 165 training slices minus 2 for validation
     assert {r["init"] for r in rows} == {"scratch", "pretrained"}
     summary = json.loads((proj / "reports/learning_curve/summary.json").read_text())
-    assert summary["counts"] == [1, 4, 163] and len(summary["table"]) == 6
+    assert summary["counts"] == [4, 163] and len(summary["table"]) == 4
     assert "| pretrained | 4 |" in (proj / "reports/learning_curve/table.md").read_text()
     assert (proj / "reports/learning_curve/curves.png").stat().st_size > 10_000
     exp = client.get_experiment_by_name("emseg-learning-curve")
     runs = [r for r in client.search_runs([exp.experiment_id], max_results=200) if "labelled_slices" in r.data.tags]
-    assert len(runs) == 12 and all("test_iou" in r.data.metrics for r in runs)
+    assert len(runs) == 8 and all("test_iou" in r.data.metrics for r in runs)
     assert {(r.data.tags["init"], r.data.tags["labelled_slices"], r.data.tags["seed"]) for r in runs} == {
-        (i, n, s) for i in ("scratch", "pretrained") for n in ("1", "4", "163") for s in ("0", "1")}
+        (i, n, s) for i in ("scratch", "pretrained") for n in ("4", "163") for s in ("0", "1")}
     assert "up to date" in run_cli(["dvc", "status", "pipelines/learning_curve/dvc.yaml"], proj, check=True).stdout
 
 

@@ -175,7 +175,8 @@ def run(params_path: str = "params.yaml") -> dict:
             for f in ("curves.png", "curves.csv", "summary.md", "summary.json"):
                 mlflow.log_artifact(str(rep / f))
     best = max(summary["strategies"].items(), key=lambda kv: kv[1]["mean_iou"][str(summary["largest_budget"])])
-    print(f"active-learning: {len(cfg.strategies)} strategies x {len(cfg.seeds)} seeds x {cfg.rounds + 1} rounds on "
+    ns = len(cfg.seeds)
+    print(f"active-learning: {len(cfg.strategies)} strategies x {ns} seed{'s' * (ns != 1)} x {cfg.rounds + 1} rounds on "
           f"{desc['source']}; best at {summary['largest_budget']} patches: {best[0]} "
           f"(IoU {best[1]['mean_iou'][str(summary['largest_budget'])]:.3f}) -> {REPORT_DIR}/summary.md")
     return summary
