@@ -213,7 +213,7 @@ def test_bad_input_through_dvc_repro_changes_nothing(repro_project, tmp_path, ca
     # dvc.lock still describes the good model, and `dvc checkout` brings it back byte for byte.
     assert downstream_lock() == lock
     assert not [p for p in (proj / "data").glob(".*tmp*")]
-    run_cli(["dvc", "checkout", "--force"], proj, check=True)
+    run_cli(["dvc", "checkout", "--force", "dvc.yaml"], proj, check=True)
     assert (proj / "models" / "model.pt").read_bytes() == model
 
 
