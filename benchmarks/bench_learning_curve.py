@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import EPFL, RESULTS, ROOT, SHARED, run_measured, save  # noqa: E402
+from common import BIN, EPFL, RESULTS, ROOT, SHARED, run_measured, save  # noqa: E402
 
 
 def scratch_project() -> Path:
@@ -35,7 +35,7 @@ def scratch_project() -> Path:
             src[key] = str((ROOT / src[key]).resolve())
     params["learning_curve"]["source"] = "epfl"
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+    for cmd in (["git", "init", "-q"], [str(Path(BIN) / "dvc"), "init", "-q"]):
         subprocess.run(cmd, cwd=proj, check=True)
     return proj
 
