@@ -70,3 +70,11 @@ def load_labelled(image_path: str | Path, labels_path: str | Path, indices: Sequ
     if not images:
         raise DataError(f"{image_path}: no slices selected")
     return np.stack(images), np.stack(labels), (float(mean), float(std))
+
+
+def resolve_source(params, setting: str) -> str:
+    """auto: epfl when its first mirror is a local folder that exists, generated otherwise."""
+    if setting != "auto":
+        return setting
+    first = params.data.epfl.mirrors[0] if params.data.epfl and params.data.epfl.mirrors else ""
+    return "epfl" if first and "://" not in first and Path(first).expanduser().is_dir() else "generated"

@@ -7,31 +7,21 @@ MLflow run, nested in one parent run per strategy (experiment ``<tracking.experi
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import numpy as np
 
 from emseg import tracking
 from emseg.active.loop import ActiveData, simulate
 from emseg.config import Params, load_params
+from emseg.curves import by_budget, series, strategies_markdown, summarise_strategies, write_csv
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
 
 REPORT_DIR = "reports/active_learning"
 
 
-def resolve_source(params: Params, setting: str) -> str:
-    """auto: epfl when its first mirror is a local folder that exists, generated otherwise."""
-    if setting != "auto":
-        return setting
-    first = params.data.epfl.mirrors[0] if params.data.epfl and params.data.epfl.mirrors else ""
-    return "epfl" if first and "://" not in first and Path(first).expanduser().is_dir() else "generated"
-
-
 def load_data(params: Params) -> tuple[ActiveData, dict]:
     from emseg.data.generate import generate_stack
-    from emseg.data.stacks import evenly, load_labelled, rescale
+    from emseg.data.stacks import evenly, load_labelled, rescale, resolve_source
 
     cfg = params.active
     scale = 1.0 / cfg.downsample
@@ -65,66 +55,10 @@ def load_data(params: Params) -> tuple[ActiveData, dict]:
     return ActiveData(px, py, vx, vy, tx, ty), desc
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def summarise(rows: list[dict]) -> dict:
-    """Mean and spread per strategy and budget; how many labels each strategy needs to reach random
-    sampling's IoU at the largest budget; its margin over random at that budget."""
-    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    budgets = sorted({r["labelled"] for r in rows})
-    table = {}
-    for s in strategies:
-        for b in budgets:
-            v = [r["test_iou"] for r in rows if r["strategy"] == s and r["labelled"] == b]
-            if v:
-                table[(s, b)] = (float(np.mean(v)), float(np.std(v)), len(v))
-    top = budgets[-1]
-    out = {"budgets": budgets, "largest_budget": top, "strategies": {}}
-    ref = table.get(("random", top))
-    for s in strategies:
-        mean_top, std_top, _ = table[(s, top)]
-        entry = {"mean_iou": {str(b): round(table[(s, b)][0], 4) for b in budgets if (s, b) in table},
-                 "std_iou": {str(b): round(table[(s, b)][1], 4) for b in budgets if (s, b) in table}}
-        if ref:
-            reach = [b for b in budgets if (s, b) in table and table[(s, b)][0] >= ref[0]]
-            entry["labels_to_reach_random_at_largest"] = reach[0] if reach else None
-            entry["label_ratio_vs_random"] = round(reach[0] / top, 3) if reach else None
-            entry["margin_over_random_at_largest"] = round(mean_top - ref[0], 4)
-            entry["seed_spread_at_largest"] = round(max(std_top, ref[1]), 4)
-        out["strategies"][s] = entry
-    return out
-
-
-def _markdown(summary: dict) -> str:
-    budgets = summary["budgets"]
-    lines = ["| strategy | " + " | ".join(f"{b} patches" for b in budgets) +
-             " | labels to reach random@max | margin over random@max (spread) |",
-             "|---" * (len(budgets) + 3) + "|"]
-    for s, e in summary["strategies"].items():
-        cells = [f"{e['mean_iou'][str(b)]:.3f} ± {e['std_iou'][str(b)]:.3f}" for b in budgets]
-        reach = e.get("labels_to_reach_random_at_largest")
-        reach_s = "not reached" if reach is None else f"{reach} ({e['label_ratio_vs_random']:.2f}x)"
-        margin = f"{e.get('margin_over_random_at_largest', 0):+.3f} ({e.get('seed_spread_at_largest', 0):.3f})"
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {reach_s} | {margin} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    from emseg.plots import plot_mean_band
-
-    series: dict = {}
-    for r in rows:
-        series.setdefault(r["strategy"], {}).setdefault(r["labelled"], []).append(r["test_iou"])
-    plot_mean_band(series, path, "labelled patches", "test foreground IoU", title, dashed=("random",))
-
-
 def run(params_path: str = "params.yaml") -> dict:
     import mlflow
+
+    from emseg.plots import plot_mean_band
 
     params = load_params(params_path)
     cfg = params.active
@@ -161,16 +95,14 @@ def run(params_path: str = "params.yaml") -> dict:
             for b in sorted({r["labelled"] for r in mine}):
                 mlflow.log_metric("test_iou_mean", float(np.mean([r["test_iou"] for r in mine if r["labelled"] == b])), step=b)
     bar.close()
-    summary = {**summarise(rows), "data": desc}
+    summary = {**summarise_strategies(rows), "data": desc}
     with staged_files(REPORT_DIR) as rep:
-        _write_csv(rep / "curves.csv", rows)
-        wide = []
-        for b in summary["budgets"]:
-            wide.append({"labelled": b, **{s: e["mean_iou"].get(str(b)) for s, e in summary["strategies"].items()}})
-        _write_csv(rep / "by_budget.csv", wide)
+        write_csv(rep / "curves.csv", rows)
+        write_csv(rep / "by_budget.csv", by_budget(summary))
         write_json(rep / "summary.json", summary)
-        (rep / "summary.md").write_text(_markdown(summary))
-        plot(rows, rep / "curves.png", f"{desc['source']}, {len(cfg.seeds)} seeds")
+        (rep / "summary.md").write_text(strategies_markdown(summary))
+        plot_mean_band(series(rows, "strategy", "labelled"), rep / "curves.png", "labelled patches",
+                       "test foreground IoU", f"{desc['source']}, {len(cfg.seeds)} seeds", dashed=("random",))
         with tracking.start_run(run_name="al-summary", tags={"emseg.pipeline": "active_learning"}):
             for f in ("curves.png", "curves.csv", "summary.md", "summary.json"):
                 mlflow.log_artifact(str(rep / f))

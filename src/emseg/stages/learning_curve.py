@@ -9,14 +9,13 @@ spread), curves.png, summary.json (the comparisons of the field reports); every 
 
 from __future__ import annotations
 
-import csv
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
 from emseg import tracking
 from emseg.config import load_params
+from emseg.curves import learning_curve_markdown, series, summarise_learning_curve, write_csv
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
 
@@ -25,8 +24,7 @@ REPORT_DIR = "reports/learning_curve"
 
 def load_target(params):
     from emseg.data.generate import generate_stack
-    from emseg.data.stacks import evenly, load_labelled, rescale
-    from emseg.stages.active_learning import resolve_source
+    from emseg.data.stacks import evenly, load_labelled, rescale, resolve_source
 
     cfg = params.learning_curve
     source = resolve_source(params, cfg.source)
@@ -63,44 +61,6 @@ def _counts(cfg, n_pool: int) -> list[int]:
     return sorted(set(counts))
 
 
-def summarise(points: list[dict]) -> tuple[list[dict], dict]:
-    table = []
-    for init in dict.fromkeys(p["init"] for p in points):
-        for n in sorted({p["slices"] for p in points if p["init"] == init}):
-            v = [p["test_iou"] for p in points if p["init"] == init and p["slices"] == n]
-            table.append({"init": init, "slices": n, "mean_iou": round(float(np.mean(v)), 4),
-                          "std_iou": round(float(np.std(v)), 4), "min_iou": round(min(v), 4),
-                          "max_iou": round(max(v), 4), "seeds": len(v)})
-    get = {(r["init"], r["slices"]): r for r in table}
-    counts = sorted({p["slices"] for p in points})
-    out = {"counts": counts}
-    if ("scratch", 12) in get and ("pretrained", 4) in get:
-        s12, p4 = get[("scratch", 12)], get[("pretrained", 4)]
-        out["pretrained_4_vs_scratch_12"] = {"pretrained_4": p4["mean_iou"], "scratch_12": s12["mean_iou"],
-                                             "met": p4["mean_iou"] >= s12["mean_iou"]}
-    if ("scratch", 12) in get and ("scratch", counts[-1]) in get:
-        out["scratch_12_vs_all"] = {"12": get[("scratch", 12)]["mean_iou"],
-                                    str(counts[-1]): get[("scratch", counts[-1])]["mean_iou"]}
-    # Labels saved: the fewest slices with which pretrained reaches scratch's mean at each count.
-    saved = {}
-    for n in counts:
-        if ("scratch", n) in get:
-            reach = [m for m in counts if ("pretrained", m) in get and get[("pretrained", m)]["mean_iou"] >= get[("scratch", n)]["mean_iou"]]
-            saved[str(n)] = reach[0] if reach else None
-    out["pretrained_slices_to_match_scratch"] = saved
-    out["table"] = table
-    return table, out
-
-
-def plot(points: list[dict], path: Path, title: str) -> None:
-    from emseg.plots import plot_mean_band
-
-    series: dict = {}
-    for p in points:
-        series.setdefault(p["init"], {}).setdefault(p["slices"], []).append(p["test_iou"])
-    plot_mean_band(series, path, "labelled training slices", "test foreground IoU", title, log2_x=True)
-
-
 def run(params_path: str = "params.yaml") -> dict:
     import mlflow
     from tqdm.auto import tqdm
@@ -108,6 +68,7 @@ def run(params_path: str = "params.yaml") -> dict:
     from emseg.active.loop import pixel_iou
     from emseg.model.module import ArraySplits
     from emseg.model.train import fit
+    from emseg.plots import plot_mean_band
 
     params = load_params(params_path)
     cfg = params.learning_curve
@@ -147,19 +108,14 @@ def run(params_path: str = "params.yaml") -> dict:
                 bar.update()
                 bar.set_postfix_str(f"{init} {n} slices seed {seed}: IoU {iou:.3f}")
     bar.close()
-    table, summary = summarise(points)
+    table, summary = summarise_learning_curve(points)
     summary["data"] = {"source": source, "scale": cfg.scale, "val_slices": val_idx, "test_slices": len(tx)}
     with staged_files(REPORT_DIR) as rep:
-        for name, rows in (("points.csv", points), ("table.csv", table)):
-            with open(rep / name, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-        lines = ["| init | labelled slices | test IoU mean | spread (std) | min | max | seeds |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['init']} | {r['slices']} | {r['mean_iou']:.3f} | {r['std_iou']:.3f} | {r['min_iou']:.3f} | "
-                  f"{r['max_iou']:.3f} | {r['seeds']} |" for r in table]
-        (rep / "table.md").write_text("\n".join(lines) + "\n")
-        plot(points, rep / "curves.png", f"{source} at scale {cfg.scale:g}, {len(cfg.seeds)} seeds")
+        write_csv(rep / "points.csv", points)
+        write_csv(rep / "table.csv", table)
+        (rep / "table.md").write_text(learning_curve_markdown(table))
+        plot_mean_band(series(points, "init", "slices"), rep / "curves.png", "labelled training slices",
+                       "test foreground IoU", f"{source} at scale {cfg.scale:g}, {len(cfg.seeds)} seeds", log2_x=True)
         write_json(rep / "summary.json", summary)
         with tracking.start_run(run_name="learning-curve-summary", tags={"emseg.pipeline": "learning_curve"}):
             for f in ("curves.png", "table.md", "table.csv", "points.csv"):

@@ -1,0 +1,118 @@
+"""Label-efficiency curves as numbers: summaries and tables of the active-learning simulation and the
+learning curves. Plain rows (dicts) in, plain dicts and Markdown out; the stages write them.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def summarise_strategies(rows: list[dict]) -> dict:
+    """Active learning. ``rows``: one per strategy, seed and round with ``strategy``, ``labelled`` (the
+    budget) and ``test_iou``. Per strategy: mean and spread (std over seeds) at each budget; the fewest
+    labels with which its mean reaches random sampling's mean at the largest budget, and that as a
+    fraction of the largest budget; its margin over random at the largest budget, and the seed spread
+    (the larger of the two stds) to weigh that margin against."""
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    budgets = sorted({r["labelled"] for r in rows})
+    table = {}
+    for s in strategies:
+        for b in budgets:
+            v = [r["test_iou"] for r in rows if r["strategy"] == s and r["labelled"] == b]
+            if v:
+                table[(s, b)] = (float(np.mean(v)), float(np.std(v)))
+    top = budgets[-1]
+    out = {"budgets": budgets, "largest_budget": top, "strategies": {}}
+    ref = table.get(("random", top))
+    for s in strategies:
+        entry = {"mean_iou": {str(b): round(table[(s, b)][0], 4) for b in budgets if (s, b) in table},
+                 "std_iou": {str(b): round(table[(s, b)][1], 4) for b in budgets if (s, b) in table}}
+        if ref and (s, top) in table:
+            mean_top, std_top = table[(s, top)]
+            reach = [b for b in budgets if (s, b) in table and table[(s, b)][0] >= ref[0]]
+            entry["labels_to_reach_random_at_largest"] = reach[0] if reach else None
+            entry["label_ratio_vs_random"] = round(reach[0] / top, 3) if reach else None
+            entry["margin_over_random_at_largest"] = round(mean_top - ref[0], 4)
+            entry["seed_spread_at_largest"] = round(max(std_top, ref[1]), 4)
+        out["strategies"][s] = entry
+    return out
+
+
+def strategies_markdown(summary: dict) -> str:
+    budgets = summary["budgets"]
+    lines = ["| strategy | " + " | ".join(f"{b} patches" for b in budgets) +
+             " | labels to reach random@max | margin over random@max (spread) |",
+             "|---" * (len(budgets) + 3) + "|"]
+    for s, e in summary["strategies"].items():
+        cells = [f"{e['mean_iou'][str(b)]:.3f} ± {e['std_iou'][str(b)]:.3f}" if str(b) in e["mean_iou"] else "-"
+                 for b in budgets]
+        reach = e.get("labels_to_reach_random_at_largest")
+        reach_s = "not reached" if reach is None else f"{reach} ({e['label_ratio_vs_random']:.2f}x)"
+        margin = f"{e.get('margin_over_random_at_largest', 0):+.3f} ({e.get('seed_spread_at_largest', 0):.3f})"
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {reach_s} | {margin} |")
+    return "\n".join(lines) + "\n"
+
+
+def by_budget(summary: dict) -> list[dict]:
+    """One row per budget, one column per strategy (mean IoU): the DVC plot of the simulation."""
+    return [{"labelled": b, **{s: e["mean_iou"].get(str(b)) for s, e in summary["strategies"].items()}}
+            for b in summary["budgets"]]
+
+
+def summarise_learning_curve(points: list[dict]) -> tuple[list[dict], dict]:
+    """Learning curves. ``points``: one per run with ``init``, ``slices`` and ``test_iou``. Returns the
+    table (mean, std, min, max per init and slice count) and the comparisons the field reports make:
+    pretrained on 4 slices against scratch on 12, scratch on 12 against the most slices, and for each
+    scratch count the fewest slices with which the pretrained mean reaches it."""
+    table = []
+    for init in dict.fromkeys(p["init"] for p in points):
+        for n in sorted({p["slices"] for p in points if p["init"] == init}):
+            v = [p["test_iou"] for p in points if p["init"] == init and p["slices"] == n]
+            table.append({"init": init, "slices": n, "mean_iou": round(float(np.mean(v)), 4),
+                          "std_iou": round(float(np.std(v)), 4), "min_iou": round(min(v), 4),
+                          "max_iou": round(max(v), 4), "seeds": len(v)})
+    get = {(r["init"], r["slices"]): r for r in table}
+    counts = sorted({p["slices"] for p in points})
+    out: dict = {"counts": counts}
+    if ("scratch", 12) in get and ("pretrained", 4) in get:
+        s12, p4 = get[("scratch", 12)], get[("pretrained", 4)]
+        out["pretrained_4_vs_scratch_12"] = {"pretrained_4": p4["mean_iou"], "scratch_12": s12["mean_iou"],
+                                             "met": p4["mean_iou"] >= s12["mean_iou"]}
+    if ("scratch", 12) in get and ("scratch", counts[-1]) in get:
+        out["scratch_12_vs_all"] = {"12": get[("scratch", 12)]["mean_iou"],
+                                    str(counts[-1]): get[("scratch", counts[-1])]["mean_iou"]}
+    saved = {}
+    for n in counts:
+        if ("scratch", n) in get:
+            reach = [m for m in counts if ("pretrained", m) in get
+                     and get[("pretrained", m)]["mean_iou"] >= get[("scratch", n)]["mean_iou"]]
+            saved[str(n)] = reach[0] if reach else None
+    out["pretrained_slices_to_match_scratch"] = saved
+    out["table"] = table
+    return table, out
+
+
+def learning_curve_markdown(table: list[dict]) -> str:
+    lines = ["| init | labelled slices | test IoU mean | spread (std) | min | max | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['init']} | {r['slices']} | {r['mean_iou']:.3f} | {r['std_iou']:.3f} | {r['min_iou']:.3f} | "
+              f"{r['max_iou']:.3f} | {r['seeds']} |" for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def series(rows: list[dict], line_key: str, x_key: str, y_key: str = "test_iou") -> dict:
+    """{line: {x: [y, ...]}}, the input of plots.plot_mean_band."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r[line_key], {}).setdefault(r[x_key], []).append(r[y_key])
+    return out
