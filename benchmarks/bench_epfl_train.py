@@ -32,6 +32,11 @@ def main() -> None:
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
     params["data"]["epfl"]["mirrors"] = [str(EPFL)]
     params["data"]["epfl"]["cache_dir"] = str(proj / "cache")
+    init = params["train"].get("init") or {}
+    if init.get("path") and not Path(init["path"]).is_absolute():  # a project file, e.g. models/pretrained.pt
+        init["path"] = str((ROOT / init["path"]).resolve())
+        if not Path(init["path"]).is_file():
+            sys.exit(f"{init['path']}: not found; the profile starts from it (dvc repro pipelines/pretrain/dvc.yaml)")
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in ("fetch", "prepare"):
         run_measured(["emseg", stage], proj)

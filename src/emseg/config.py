@@ -230,10 +230,10 @@ class PretrainParams(_Strict):
         name="vnc-mitochondria", image="../shared/data/drosophila-vnc/stack1_raw.tif",
         labels="../shared/data/drosophila-vnc/stack1_mitochondria.tif", scale=0.5)]
     patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128
-    patches_per_epoch: PositiveInt = 64  # split evenly between the sources (balanced sampling)
+    patches_per_epoch: PositiveInt = 96  # split evenly between the sources (balanced sampling)
     batch_size: PositiveInt = 8
     lr: PositiveFloat = 0.002
-    max_epochs: PositiveInt = 15
+    max_epochs: PositiveInt = 25
     max_minutes: Optional[PositiveFloat] = None
     registered_model: str = "emseg-pretrained"
     alias: str = "pretrained"
@@ -242,16 +242,16 @@ class PretrainParams(_Strict):
 class LearningCurveParams(_Strict):
     source: Literal["auto", "epfl", "generated"] = "auto"  # as active.source
     scale: Annotated[float, Field(gt=0, le=1)] = 0.5  # the target's resampling (match pretrain sources)
-    slice_counts: list[Union[PositiveInt, Literal["all"]]] = [1, 2, 4, 8, 12, "all"]
+    slice_counts: list[Union[PositiveInt, Literal["all"]]] = [1, 4, 12, "all"]
     inits: list[Literal["scratch", "pretrained"]] = ["scratch", "pretrained"]
     seeds: list[int] = [0, 1, 2]
     val_slices: PositiveInt = 2
     test_slices: Optional[PositiveInt] = 10  # evenly spaced test slices; null: all
     patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128
-    patches_per_epoch: PositiveInt = 32
+    patches_per_epoch: PositiveInt = 64
     batch_size: PositiveInt = 8
     lr: PositiveFloat = 0.002
-    epochs: PositiveInt = 8
+    epochs: PositiveInt = 14
     pretrained_uri: str = "models:/emseg-pretrained@pretrained"
     freeze_encoder_epochs: Annotated[int, Field(ge=0)] = 1  # fine-tuning: decoder first
     encoder_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
