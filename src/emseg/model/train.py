@@ -81,10 +81,13 @@ class FreezeEncoder(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         frozen = trainer.current_epoch < self.epochs
-        for p in pl_module.net.net.encoder.parameters():
+        encoder = pl_module.net.net.encoder
+        for p in encoder.parameters():
             p.requires_grad_(not frozen)
-        if frozen:  # BatchNorm statistics stay the pretrained ones as well
-            pl_module.net.net.encoder.eval()
+        # Frozen: BatchNorm statistics stay the pretrained ones as well. Unfrozen: back to train mode
+        # explicitly, since Lightning restores each submodule's own mode after validation, which would
+        # otherwise leave the encoder in eval mode (its BatchNorm never adapting to the target) for good.
+        encoder.train(not frozen)
 
 
 def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: int,
