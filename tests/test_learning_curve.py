@@ -84,3 +84,35 @@ def test_fine_tuning_keeps_the_encoder_frozen_for_the_first_epochs(tmp_path):
     res2 = fit(free, ArraySplits(x, y, x[:1], y[:1]), tmp_path / "b", lr=0.01, batch_size=4, progress=False,
                checkpoints=False, start_from=start)
     assert not all(torch.equal(enc0[k], res2.net.state_dict()[k]) for k in enc0)
+
+
+def test_unfrozen_encoder_trains_in_train_mode_after_the_frozen_epochs(tmp_path):
+    """Lightning restores each submodule's mode after validation: the encoder, put in eval mode while frozen,
+    must be switched back, or its BatchNorm keeps the source data's statistics for the whole fine-tuning."""
+    from lightning.pytorch.callbacks import Callback
+
+    from emseg.config import Params
+    from emseg.model.module import ArraySplits
+    from emseg.model.train import fit
+
+    class Modes(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            enc = pl_module.net.net.encoder
+            self.seen.append((trainer.current_epoch, enc.training, next(enc.parameters()).requires_grad))
+
+    g = np.random.default_rng(0)
+    x = g.standard_normal((2, 64, 64)).astype(np.float32)
+    y = (x > 0.5).astype(np.uint8)
+    params = Params.model_validate({"model": {"encoder": "resnet18", "decoder_channels": [32, 16, 8, 8, 8]},
+                                    "train": {"patch_size": 32, "patches_per_epoch": 8, "batch_size": 4, "max_epochs": 3,
+                                              "early_stopping_patience": 5, "freeze_encoder_epochs": 1,
+                                              "augment": {"elastic": 0}}})
+    modes = Modes()
+    fit(params, ArraySplits(x, y, x[:1], y[:1]), tmp_path, lr=0.01, batch_size=4, progress=False,
+        checkpoints=False, callbacks=[modes])
+    by_epoch = {e: (training, grad) for e, training, grad in modes.seen}
+    assert by_epoch[0] == (False, False)  # frozen: eval mode, no gradients
+    assert by_epoch[1] == (True, True) and by_epoch[2] == (True, True)  # unfrozen after validation: trains
