@@ -28,18 +28,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_epfl_train import merge  # noqa: E402
 from common import EPFL, ROOT, run_measured, save  # noqa: E402
 
 PACK = ROOT / ".gpu"
-
-
-def merge(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            merge(dst[k], v)
-        else:
-            dst[k] = v
-    return dst
 
 
 def pack(profile: Path, init: Path | None) -> None:
