@@ -12,6 +12,7 @@ from emseg.data.prepare import load_split, prepare
 from emseg.data.sources import fetch_raw
 from emseg.inference import blend_window, predict_slice, predict_tiled
 from emseg.instances import connected_instances, instance_scores, match_instances, split_instances
+from emseg.model.network import channels_last, is_channels_last
 from emseg.model.train import fit
 
 
@@ -57,6 +58,22 @@ def test_tta_and_small_images(trained):
     small = image[:70, :90]  # smaller than a tile and not a multiple of 32
     p = predict_tiled(net, small, tile=128, overlap=32, tta=True)
     assert p.shape == (70, 90) and np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1
+
+
+def test_channels_last_layout_gives_the_same_probabilities_and_hands_the_network_back(trained):
+    net, image, _ = trained
+    assert not is_channels_last(net)  # fit() trained in NHWC (train.channels_last) and gave back NCHW
+    nchw = predict_tiled(net, image, tile=128, overlap=32, channels_last=False)
+    nhwc = predict_tiled(net, image, tile=128, overlap=32, channels_last=True)
+    assert not is_channels_last(net)
+    assert np.abs(nchw - nhwc).max() < 1e-4
+    assert ((nchw > 0.5) != (nhwc > 0.5)).mean() < 1e-4
+    with channels_last(net):
+        assert is_channels_last(net)
+        with channels_last(net):  # nested: the inner block leaves the layout to the outer one
+            pass
+        assert is_channels_last(net)
+    assert not is_channels_last(net)
 
 
 def test_blend_window_is_positive_and_peaks_in_the_middle():

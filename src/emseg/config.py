@@ -127,6 +127,7 @@ class TrainParams(_Strict):
     devices: Union[PositiveInt, Literal["auto"]] = "auto"
     strategy: str = "auto"
     precision: Optional[str] = None  # None: 16-mixed on a GPU, 32 on the CPU
+    channels_last: bool = True  # NHWC layout for the network's tensors: faster steps (benchmarks/bench_layout.py)
     threshold: Probability = 0.5
     loss: LossParams = LossParams()
     augment: AugmentParams = AugmentParams()
@@ -164,6 +165,7 @@ class InferenceParams(_Strict):
     overlap: Annotated[int, Field(ge=0)] = 128
     batch_size: PositiveInt = 1
     tta: bool = False  # average over flips (4x slower)
+    channels_last: bool = True  # NHWC layout: 1.5x faster on a CPU (benchmarks/bench_layout.py)
 
 
 class EvaluateParams(_Strict):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from emseg.data.patches import pad_to_multiple
+from emseg.model.network import channels_last as nhwc
 
 
 def _device(net: torch.nn.Module) -> torch.device:
@@ -59,8 +60,10 @@ def _flips(x: torch.Tensor) -> Iterator[tuple[torch.Tensor, Callable]]:
 
 @torch.no_grad()
 def predict_tiled(net: torch.nn.Module, image: np.ndarray, tile: int = 1024, overlap: int = 128, batch_size: int = 1,
-                  tta: bool = False) -> np.ndarray:
-    """Foreground probability (float32, same shape) of one normalised 2D slice, tile by tile."""
+                  tta: bool = False, channels_last: bool = True) -> np.ndarray:
+    """Foreground probability (float32, same shape) of one normalised 2D slice, tile by tile.
+
+    ``channels_last``: run the network in NHWC layout (faster; the network is handed back as it came)."""
     if tile % 32 or overlap < 0 or overlap * 2 >= tile:
         raise ValueError(f"tile must be a multiple of 32 and overlap in [0, tile/2), got {tile}, {overlap}")
     net.eval()
@@ -75,15 +78,16 @@ def predict_tiled(net: torch.nn.Module, image: np.ndarray, tile: int = 1024, ove
     wsum = np.zeros((H, W), np.float32)
     coords = [(y, x) for y in tile_starts(H, th, th - ov) for x in tile_starts(W, tw, tw - ov)]
     device = _device(net)
-    for i in range(0, len(coords), batch_size):
-        chunk = coords[i:i + batch_size]
-        x = torch.from_numpy(np.stack([image[y:y + th, x:x + tw] for y, x in chunk]))[:, None].to(device)
-        prob = torch.zeros_like(x)
-        views = list(_flips(x)) if tta else [(x, lambda y: y)]
-        for view, undo in views:
-            prob += undo(torch.sigmoid(net(view).float()))
-        prob = (prob / len(views))[:, 0].cpu().numpy()
-        for (y, xx), p in zip(chunk, prob):
-            acc[y:y + th, xx:xx + tw] += p * win
-            wsum[y:y + th, xx:xx + tw] += win
+    with nhwc(net, channels_last):
+        for i in range(0, len(coords), batch_size):
+            chunk = coords[i:i + batch_size]
+            x = torch.from_numpy(np.stack([image[y:y + th, x:x + tw] for y, x in chunk]))[:, None].to(device)
+            prob = torch.zeros_like(x)
+            views = list(_flips(x)) if tta else [(x, lambda y: y)]
+            for view, undo in views:
+                prob += undo(torch.sigmoid(net(view).float()))
+            prob = (prob / len(views))[:, 0].cpu().numpy()
+            for (y, xx), p in zip(chunk, prob):
+                acc[y:y + th, xx:xx + tw] += p * win
+                wsum[y:y + th, xx:xx + tw] += win
     return (acc / wsum)[:h, :w]

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from emseg.config import Params
 from emseg.model.bn import PreciseBatchNorm
 from emseg.model.module import EMDataModule, SegmentationModule
-from emseg.model.network import SegmentationNet, initialise, model_spec
+from emseg.model.network import SegmentationNet, channels_last, initialise, model_spec
 
 CURVE_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "val_iou")
 
@@ -140,8 +140,9 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
         resumed_from = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
         print(f"train: resuming from {last} (interrupted after epoch {resumed_from})")
     t0 = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resumed_from is not None else None,
-                weights_only=True)
+    with channels_last(module.net, cfg.channels_last):
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resumed_from is not None else None,
+                    weights_only=True)
     seconds = time.time() - t0
     best = max((r.get("val_iou", 0.0) for r in history.rows), default=0.0)
     if ckpt is not None and ckpt.best_model_path:
