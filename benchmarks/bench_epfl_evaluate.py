@@ -1,7 +1,10 @@
 """Evaluate a trained model on the EPFL test stack with `emseg evaluate`'s code path (tiled, blended):
-pixel metrics and instance F1 at IoU 0.5 before (connected components) and after watershed splitting.
+pixel metrics and instance F1 at IoU 0.5 before (connected components) and after watershed splitting,
+with the watershed depth h as set and as `emseg evaluate` chooses it on the validation slices
+(`evaluate.instances.h_choices`, the defaults when the work dir's params predate them).
 
-Run: .venv/bin/python benchmarks/bench_epfl_evaluate.py WORK_DIR   (a bench_epfl_train.py work dir)
+Run: .venv/bin/python benchmarks/bench_epfl_evaluate.py WORK_DIR [--no-tta]   (a bench_epfl_train.py work dir;
+--no-tta: plain prediction even where the profile asks for flip TTA, 4x faster)
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from common import save  # noqa: E402
 
 from emseg.config import load_params  # noqa: E402
 from emseg.data.prepare import load_split  # noqa: E402
-from emseg.evaluate import evaluate_stack  # noqa: E402
+from emseg.config import InstanceParams  # noqa: E402
+from emseg.evaluate import choose_watershed_h, evaluate_stack  # noqa: E402
 from emseg.model.network import load_weights  # noqa: E402
 
 
@@ -24,12 +28,28 @@ def main() -> None:
     params = load_params(work / "params.yaml")
     net, _ = load_weights(work / "models" / "model.pt")
     x, y = load_split(work / "data" / "prepared", "test")
+    cfg = params.evaluate
+    if "--no-tta" in sys.argv[2:]:
+        cfg = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"tta": False})})
+    if not cfg.instances.h_choices:
+        cfg = cfg.model_copy(update={"instances": cfg.instances.model_copy(
+            update={"h_choices": InstanceParams().h_choices})})
+    vx, vy = load_split(work / "data" / "prepared", "val")
     t0 = time.time()
-    ev = evaluate_stack(net, x, y, params.evaluate, params.train.threshold, keep=0)
-    m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in ev.metrics.items()}
-    save("epfl_evaluate", {"command": f".venv/bin/python benchmarks/bench_epfl_evaluate.py {work}",
-                           "seconds": round(time.time() - t0, 1), **m})
-
+    h, rows = choose_watershed_h(net, vx, vy, cfg, params.train.threshold)
+    choose_seconds = time.time() - t0
+    result = {"command": " ".join([".venv/bin/python benchmarks/bench_epfl_evaluate.py", str(work), *sys.argv[2:]]), "tta": cfg.inference.tta,
+              "validation_slices": len(vx), "choose_h_seconds": round(choose_seconds, 1),
+              "validation_h_table": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}
+    for name, depth in (("set", cfg.instances.h), ("chosen", h)):
+        t0 = time.time()
+        m = evaluate_stack(net, x, y, cfg, params.train.threshold, keep=0, h=depth).metrics
+        result[f"h_{name}"] = {"seconds": round(time.time() - t0, 1),
+                               **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
+        if depth == cfg.instances.h and name == "set" and h == depth:
+            result["h_chosen"] = result["h_set"]
+            break
+    save("epfl_evaluate", result)
 
 if __name__ == "__main__":
     main()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from skimage.draw import disk
 
 from conftest import SMALL_GENERATED
 from emseg.config import parse_params
 from emseg.data.prepare import load_split, prepare
 from emseg.data.sources import fetch_raw
+from emseg.evaluate import choose_watershed_h
 from emseg.inference import blend_window, predict_slice, predict_tiled
 from emseg.instances import connected_instances, instance_scores, match_instances, split_instances
 from emseg.model.network import channels_last, is_channels_last
@@ -120,3 +122,36 @@ def test_min_size_drops_specks():
     prob[10:30, 10:30] = 1
     prob[40, 40] = 1
     assert split_instances(prob, min_size=5).max() == 1
+
+
+class _MaskNet(torch.nn.Module):
+    """A 'network' whose logits are +-5 on a 0/1 input mask: probabilities are the mask, nearly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        torch.nn.init.constant_(self.conv.weight, 10.0)
+        torch.nn.init.constant_(self.conv.bias, -5.0)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_watershed_h_is_chosen_by_instance_f1_on_the_given_slices():
+    mask, truth = _touching_pair()
+    # Semantic labels as an annotator paints touching objects: a 1-px background line between them.
+    painted = (truth > 0) & ~((truth == 1) & (np.roll(truth, -1, axis=1) == 2))
+    images = np.stack([mask, mask[:, ::-1]]).astype(np.float32)  # the prediction: the discs touch
+    labels = np.stack([painted, painted[:, ::-1]]).astype(np.uint8)
+    cfg = parse_params({"evaluate": {"instances": {"h": 5.0, "min_size": 20, "h_choices": [30, 2]}}}).evaluate
+    h, rows = choose_watershed_h(_MaskNet(), images, labels, cfg, progress=False)
+    # h = 30 is deeper than any distance peak: one seed per component, so the touching pair merges.
+    assert [r["h"] for r in rows] == [30, 2] and rows[1]["instance_f1"] == 1.0 > rows[0]["instance_f1"]
+    assert h == 2 and rows[0]["merges"] == 2 and rows[1]["merges"] == 0
+    tie = cfg.model_copy(update={"instances": cfg.instances.model_copy(update={"h_choices": [2.5, 2]})})
+    assert choose_watershed_h(_MaskNet(), images, labels, tie, progress=False)[0] == 2.5  # a tie: the first
+    # No choices: the set h is the only candidate; no labelled object: the set h, nothing to report.
+    plain = cfg.model_copy(update={"instances": cfg.instances.model_copy(update={"h_choices": []})})
+    h, rows = choose_watershed_h(_MaskNet(), images, labels, plain, progress=False)
+    assert h == 5.0 and [r["h"] for r in rows] == [5.0]
+    assert choose_watershed_h(_MaskNet(), images, np.zeros_like(labels), cfg, progress=False) == (5.0, [])

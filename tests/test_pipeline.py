@@ -70,11 +70,20 @@ def test_evaluate_and_register_give_a_champion_that_a_worse_run_does_not_take(re
     assert per_slice[0] == "slice,iou" and len(per_slice) == 3
     pr = (proj / "reports/evaluate/pr_curve.csv").read_text().splitlines()
     assert pr[0] == "threshold,precision,recall" and len(pr) == 100
+    # The watershed depth was chosen on the validation slices among params' h_choices, and its table
+    # (one row per candidate) says why: the chosen h has the best validation instance F1.
+    import csv
+
+    rows = list(csv.DictReader(open(proj / "reports/evaluate/watershed_h.csv")))
+    assert [float(r["h"]) for r in rows] == [1, 2, 4, 6, 8]
+    best = max(rows, key=lambda r: float(r["instance_f1"]))
+    assert metrics["watershed_h"] == float(best["h"])
     first = json.loads((proj / "reports/register/registration.json").read_text())
     assert first["version"] == 1 and first["promoted"] and first["champion_test_iou_before"] is None
     client = mlflow_client(proj)
     champ = client.get_model_version_by_alias("emseg-unet", "champion")
     assert str(champ.version) == "1" and float(champ.tags["test_iou"]) == pytest.approx(metrics["iou"], abs=1e-6)
+    assert float(champ.tags["watershed_h"]) == metrics["watershed_h"]
     run_id = json.loads((proj / "reports/train/run.json").read_text())["run_id"]
     assert client.get_run(run_id).data.metrics["test_iou"] == pytest.approx(metrics["iou"])
     assert "evaluation" in {a.path for a in client.list_artifacts(run_id)}
@@ -114,6 +123,9 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     assert prob.dtype == np.uint8 and inst.dtype == np.uint32
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objects"] == len(np.unique(inst)) - 1  # labels unique through the stack
+    # Split with the watershed depth evaluate chose for this model version (its registry tag).
+    chosen = float(mlflow_client(proj).get_model_version_by_alias("emseg-unet", "champion").tags["watershed_h"])
+    assert summary["instances"]["h"] == chosen and f"watershed h={chosen:g}" in proc.stdout
     # The OME-Zarr option: the same two stacks, chunked, as an OME-NGFF image with a label image.
     import zarr
 

@@ -90,6 +90,15 @@ def _predict(args: argparse.Namespace) -> None:
     ev = params.evaluate if params else None
     inference = ev.inference.model_copy(update={"tta": args.tta or ev.inference.tta}) if ev else None
     kwargs = {"inference": inference, "instances": ev.instances} if ev else {}
+    if args.model.startswith("models:/") and (ev is None or ev.instances.h_choices):
+        # The watershed depth `emseg evaluate` chose on this model's validation slices (version tag).
+        h = tracking.resolve_model_version(args.model).tags.get("watershed_h")
+        if h is not None:
+            from emseg.config import InstanceParams
+
+            base = ev.instances if ev else InstanceParams()
+            kwargs["instances"] = base.model_copy(update={"h": float(h)})
+            print(f"predict: watershed h={float(h):g}, as chosen on the validation slices for {args.model}")
     s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
                           threshold=params.train.threshold if params else 0.5, fmt=args.fmt, **kwargs)
     print(f"predict: {s['shape'][0]} slices of {s['shape'][1]}x{s['shape'][2]}, {s['objects']} objects -> {args.output}")

@@ -157,6 +157,10 @@ class TuneParams(_Strict):
 class InstanceParams(_Strict):
     min_size: Annotated[int, Field(ge=0)] = 30  # objects of fewer pixels are dropped
     h: PositiveFloat = 2.0  # h-maxima depth (pixels of distance) that makes a separate seed
+    # If given, `emseg evaluate` picks h among these by instance F1 on the validation slices (never on
+    # the test slices) and uses it on the test stack; `register` tags the model version with it and
+    # `emseg predict` takes it from there. Empty: h as set above.
+    h_choices: list[PositiveFloat] = [1.0, 2.0, 4.0, 6.0, 8.0]
     smooth: Annotated[float, Field(ge=0)] = 1.0
 
 

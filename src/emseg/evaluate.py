@@ -38,11 +38,38 @@ def _pr_curve(fg_hist: np.ndarray, bg_hist: np.ndarray) -> list[dict]:
     return rows
 
 
+def choose_watershed_h(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5,
+                       progress: bool = True) -> tuple[float, list[dict]]:
+    """The h of ``cfg.instances.h_choices`` with the best instance F1 on these (validation) slices.
+
+    Each slice is predicted once and split with every candidate; a tie goes to the earlier candidate.
+    Without choices the one candidate is ``cfg.instances.h`` (its row is still worth reporting).
+    Returns ``cfg.instances.h`` with no rows when the slices hold no labelled object to judge by."""
+    ins = cfg.instances
+    choices = list(ins.h_choices) or [ins.h]
+    counts: list[dict] = [{} for _ in choices]
+    for i in tqdm(range(len(images)), desc="choose watershed h", unit="slice", disable=not progress):
+        prob = predict_tiled(net, images[i], **cfg.inference.model_dump())
+        lab = np.asarray(labels[i])
+        truth, valid = true_instances(lab), lab != IGNORE
+        for k, h in enumerate(choices):
+            found = split_instances(prob, threshold, ins.min_size, h, ins.smooth)
+            counts[k] = add_counts(counts[k], match_instances(truth, found, valid=valid))
+    if not any(c.get("tp", 0) + c.get("fn", 0) for c in counts):  # no labelled object to judge by
+        return ins.h, []
+    rows = [{"h": h, **instance_scores(c)} for h, c in zip(choices, counts)]
+    best = max(range(len(rows)), key=lambda k: (rows[k]["instance_f1"], -k))
+    return float(rows[best]["h"]), rows
+
+
 def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5, keep: int = 3,
-                   progress: bool = True) -> Evaluation:
-    """Predict every slice (tiled), accumulate pixel counts, instance matches and the PR histogram."""
+                   progress: bool = True, h: float | None = None) -> Evaluation:
+    """Predict every slice (tiled), accumulate pixel counts, instance matches and the PR histogram.
+
+    ``h``: the watershed depth (default ``cfg.instances.h``), e.g. one chosen by ``choose_watershed_h``."""
     inf = cfg.inference.model_dump()
     ins = cfg.instances
+    h = ins.h if h is None else h
     counts: dict = {}
     inst_ws: dict = {}
     inst_cc: dict = {}
@@ -62,7 +89,7 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
         bg_hist += np.bincount(bins[lab == 0], minlength=PR_BINS)
         valid = lab != IGNORE
         truth = true_instances(lab)
-        inst_ws = add_counts(inst_ws, match_instances(truth, split_instances(prob, threshold, ins.min_size, ins.h, ins.smooth), valid=valid))
+        inst_ws = add_counts(inst_ws, match_instances(truth, split_instances(prob, threshold, ins.min_size, h, ins.smooth), valid=valid))
         inst_cc = add_counts(inst_cc, match_instances(truth, connected_instances(prob > threshold, ins.min_size), valid=valid))
         per_slice.append({"slice": i, "iou": scores(c)["iou"]})
         if i in keep_idx:
@@ -70,5 +97,5 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
     px = scores(counts)
     ws, cc = instance_scores(inst_ws), instance_scores(inst_cc)
     metrics = {**px, **ws, "instance_f1_connected": cc["instance_f1"], "splits_connected": cc["splits"],
-               "merges_connected": cc["merges"], "slices": n, "threshold": threshold}
+               "merges_connected": cc["merges"], "slices": n, "threshold": threshold, "watershed_h": float(h)}
     return Evaluation(metrics, per_slice, _pr_curve(fg_hist, bg_hist), examples)

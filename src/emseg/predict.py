@@ -139,6 +139,7 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
         else:
             outputs = _write_tiffs(tmp, shape, pages)
         summary = {"input": str(input_path), "model": model_ref, "shape": list(shape), "objects": state["next_label"],
-                   "threshold": threshold, "normalisation": {"mean": mean, "std": std}, "outputs": outputs}
+                   "threshold": threshold, "normalisation": {"mean": mean, "std": std},
+                   "instances": instances.model_dump(exclude={"h_choices"}), "outputs": outputs}
         write_json(tmp / "summary.json", summary)
     return summary

@@ -30,12 +30,12 @@ def champion_score(name: str) -> tuple[str | None, float | None]:
     return mv.version, float(iou) if iou is not None else None
 
 
-def register_if_better(model_uri: str, name: str, test_iou: float, run_id: str) -> dict:
+def register_if_better(model_uri: str, name: str, test_iou: float, run_id: str, tags: dict | None = None) -> dict:
     import mlflow
 
     client = _client()
     before_version, before_iou = champion_score(name)
-    mv = mlflow.register_model(model_uri, name, tags={"test_iou": f"{test_iou:.6f}", "source_run": run_id})
+    mv = mlflow.register_model(model_uri, name, tags={"test_iou": f"{test_iou:.6f}", "source_run": run_id, **(tags or {})})
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     promote = before_iou is None or test_iou > before_iou  # a tie keeps the old champion
     decision = "promoted" if promote else "kept previous champion"

@@ -9,7 +9,7 @@ from pathlib import Path
 from emseg import tracking
 from emseg.config import load_params
 from emseg.data.prepare import load_split
-from emseg.evaluate import evaluate_stack
+from emseg.evaluate import choose_watershed_h, evaluate_stack
 from emseg.fsutil import staged_files, write_json
 from emseg.model.network import load_weights
 from emseg.plots import plot_overlays
@@ -32,13 +32,22 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
 
     params = load_params(params_path)
     net, _ = load_weights(Path(MODEL_DIR) / "model.pt")
+    # The watershed depth is chosen on the validation slices (h_choices), never on the test slices.
+    vx, vy = load_split(prepared_dir, "val")
+    h, h_rows = choose_watershed_h(net, vx, vy, params.evaluate, params.train.threshold)
+    if h_rows:
+        print("evaluate: watershed on the validation slices: "
+              + ", ".join(f"h={r['h']:g} instance F1 {r['instance_f1']:.3f}" for r in h_rows) + f" -> h={h:g}")
+    else:
+        h_rows = [{"h": h, "instance_f1": None}]  # no labelled object in the validation slices: h as set
     images, labels = load_split(prepared_dir, "test")
-    ev = evaluate_stack(net, images, labels, params.evaluate, params.train.threshold, keep=params.evaluate.overlays)
+    ev = evaluate_stack(net, images, labels, params.evaluate, params.train.threshold, keep=params.evaluate.overlays, h=h)
     m = ev.metrics
     with staged_files(REPORT_DIR) as rep:
         write_json(rep / "metrics.json", m)
         _write_csv(rep / "per_slice.csv", ev.per_slice)
         _write_csv(rep / "pr_curve.csv", ev.pr_curve)
+        _write_csv(rep / "watershed_h.csv", h_rows)
         if ev.examples:
             plot_overlays([images[i] for i, _ in ev.examples], [labels[i] for i, _ in ev.examples],
                           [p for _, p in ev.examples], rep / "overlays.png", params.train.threshold,
@@ -47,10 +56,10 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
         tracking.configure(params.tracking)
         with tracking.start_run(run_id=run_id):
             mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items() if k not in ("slices", "threshold")})
-            for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "overlays.png"):
+            for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "watershed_h.csv", "overlays.png"):
                 if (rep / f).exists():
                     mlflow.log_artifact(str(rep / f), artifact_path="evaluation")
     print(f"evaluate: {m['slices']} test slices, foreground IoU {m['iou']:.3f}, Dice {m['dice']:.3f}, "
-          f"instance F1 {m['instance_f1']:.3f} (connected components {m['instance_f1_connected']:.3f}), "
+          f"instance F1 {m['instance_f1']:.3f} (watershed h={h:g}; connected components {m['instance_f1_connected']:.3f}), "
           f"{m['splits']} splits, {m['merges']} merges -> {REPORT_DIR}/metrics.json; logged to run {run_id}")
     return m

@@ -18,9 +18,13 @@ OUT = "reports/register/registration.json"
 def run(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     run_info = json.loads((Path(TRAIN_REPORTS) / "run.json").read_text())
-    test_iou = float(json.loads((Path(EVAL_REPORTS) / "metrics.json").read_text())["iou"])
+    metrics = json.loads((Path(EVAL_REPORTS) / "metrics.json").read_text())
+    test_iou = float(metrics["iou"])
     tracking.configure(params.tracking)
-    result = register_if_better(run_info["model_uri"], params.tracking.registered_model, test_iou, run_info["run_id"])
+    # The watershed depth evaluate used goes with the version, so `emseg predict` splits as evaluated.
+    tags = {"watershed_h": f"{float(metrics['watershed_h']):g}"} if "watershed_h" in metrics else {}
+    result = register_if_better(run_info["model_uri"], params.tracking.registered_model, test_iou, run_info["run_id"],
+                                tags=tags)
     write_json(OUT, result)
     before = result["champion_test_iou_before"]
     print(f"register: {result['name']} version {result['version']} (test IoU {test_iou:.4f}) is challenger; "
