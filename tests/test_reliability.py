@@ -247,3 +247,23 @@ def test_disk_full_while_predicting_is_one_line_and_leaves_nothing(repro_project
         if mounted:
             subprocess.run(["umount", str(tiny)], check=False)
     assert np.asarray(tifffile.imread(stack)).shape == (4, 512, 512)  # the input untouched
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_marked_failed_not_left_running(tmp_path):
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    from emseg.stages.tune import fail_trials_without_heartbeat
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    orphan = study.ask()  # RUNNING, and its worker died before any heartbeat
+    alive = study.ask()
+    storage.record_heartbeat(alive._trial_id)  # a live worker's trial: Optuna's own stale check owns it
+    assert fail_trials_without_heartbeat(study, storage, grace_s=60) == []  # too young to judge
+    time.sleep(1.5)
+    assert fail_trials_without_heartbeat(study, storage, grace_s=1) == [orphan.number]
+    states = {t.number: t.state for t in study.trials}
+    assert states == {orphan.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
+    assert fail_trials_without_heartbeat(study, storage, grace_s=1) == []  # idempotent

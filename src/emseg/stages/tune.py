@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import tempfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from emseg.config import load_params
@@ -49,6 +50,27 @@ def _storage(params):
     kwargs = {"heartbeat_interval": hb, "grace_period": 2 * hb,
               "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2)} if hb else {}
     return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}, **kwargs)
+
+
+def fail_trials_without_heartbeat(study, storage, grace_s: float) -> list[int]:
+    """Mark failed the RUNNING trials that never recorded a heartbeat and started over ``grace_s`` ago.
+
+    Optuna's stale-trial check only looks at trials with a heartbeat; a worker killed between creating
+    a trial and its heartbeat thread's first beat (which comes at once) leaves one RUNNING forever.
+    Such a trial, older than the grace period, has no live worker behind it. Returns the trial numbers."""
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=grace_s)  # stored as naive UTC
+    query = sqlalchemy.text(
+        "SELECT t.trial_id, t.number FROM trials t WHERE t.study_id = :sid AND t.state = 'RUNNING' "
+        "AND t.datetime_start < :cutoff "
+        "AND NOT EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
+    with storage.engine.connect() as con:
+        rows = con.execute(query, {"sid": study._study_id, "cutoff": cutoff}).all()
+    for trial_id, _ in rows:
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return [number for _, number in rows]
 
 
 def _plots(study, out: Path) -> list[Path]:
@@ -92,9 +114,14 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
                                           n_warmup_steps=cfg.prune_after_epochs - 1)
               if cfg.pruning else optuna.pruners.NopPruner())
     name = study_name(params, prepared_dir)
-    study = optuna.create_study(study_name=name, storage=_storage(params), direction="maximize",
+    storage = _storage(params)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=params.seed), pruner=pruner,
                                 load_if_exists=True)
+    if cfg.heartbeat_s:
+        dead = fail_trials_without_heartbeat(study, storage, 2 * cfg.heartbeat_s)
+        if dead:
+            print(f"tune: trial(s) {', '.join(map(str, dead))} of an interrupted run never sent a heartbeat: marked failed")
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     missing = max(cfg.n_trials - len(done), 0)
 
