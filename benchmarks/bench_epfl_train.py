@@ -55,6 +55,14 @@ def main() -> None:
     ev = evaluate_stack(net, x, y, p.evaluate, p.train.threshold, keep=0)  # emseg evaluate's path: tiled, blended
     test = ev.metrics
     per_slice = [r["iou"] for r in ev.per_slice]
+    predict_seconds = time.time() - t0
+    extra = {}
+    if p.evaluate.inference.tta:  # the profile predicts with flip TTA: also score the plain prediction
+        plain = p.evaluate.model_copy(update={"inference": p.evaluate.inference.model_copy(update={"tta": False})})
+        t1 = time.time()
+        m = evaluate_stack(net, x, y, plain, p.train.threshold, keep=0).metrics
+        extra = {"test_foreground_iou_without_tta": round(m["iou"], 4), "test_dice_without_tta": round(m["dice"], 4),
+                 "predict_seconds_without_tta": round(time.time() - t1, 1)}
     save(f"epfl_train_{profile.stem}", {
         "command": f".venv/bin/python benchmarks/bench_epfl_train.py {profile.relative_to(ROOT)}",
         "profile": yaml.safe_load(profile.read_text()), "train_wall_seconds": round(train["seconds"], 1),
@@ -67,7 +75,7 @@ def main() -> None:
         "test_instance_f1_watershed": round(test["instance_f1"], 4),
         "test_instance_f1_connected": round(test["instance_f1_connected"], 4),
         "test_splits": test["splits"], "test_merges": test["merges"],
-        "predict_seconds": round(time.time() - t0, 1), "work_dir": str(proj),
+        "tta": p.evaluate.inference.tta, "predict_seconds": round(predict_seconds, 1), **extra, "work_dir": str(proj),
     })
 
 

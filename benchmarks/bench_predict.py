@@ -28,6 +28,9 @@ from emseg.model.network import load_weights, build_network
 from emseg.config import ModelParams
 mode, weights, src, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 net = load_weights(weights)[0].eval() if weights != "-" else build_network(ModelParams()).eval()
+if mode == "naive":  # the layout predict_tiled uses (evaluate.inference.channels_last), so the ratio is tiling's cost
+    import torch
+    net = net.to(memory_format=torch.channels_last)
 info = inspect_stack(src); mean, std = stack_stats(info)
 with StackReader(info) as r, tifffile.TiffWriter(sys.argv[5]) as tw:
     for z in range(n):
