@@ -16,9 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save  # noqa: E402
 
-from emseg.config import load_params  # noqa: E402
+from emseg.config import InstanceParams, load_params  # noqa: E402
 from emseg.data.prepare import load_split  # noqa: E402
-from emseg.config import InstanceParams  # noqa: E402
 from emseg.evaluate import choose_watershed_h, evaluate_stack  # noqa: E402
 from emseg.model.network import load_weights  # noqa: E402
 
@@ -38,18 +37,23 @@ def main() -> None:
     t0 = time.time()
     h, rows = choose_watershed_h(net, vx, vy, cfg, params.train.threshold)
     choose_seconds = time.time() - t0
-    result = {"command": " ".join([".venv/bin/python benchmarks/bench_epfl_evaluate.py", str(work), *sys.argv[2:]]), "tta": cfg.inference.tta,
-              "validation_slices": len(vx), "choose_h_seconds": round(choose_seconds, 1),
-              "validation_h_table": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}
-    for name, depth in (("set", cfg.instances.h), ("chosen", h)):
+    result = {"command": " ".join([".venv/bin/python benchmarks/bench_epfl_evaluate.py", str(work), *sys.argv[2:]]),
+              "tta": cfg.inference.tta, "validation_slices": len(vx), "choose_h_seconds": round(choose_seconds, 1),
+              "validation_h_table": [rounded(r) for r in rows]}
+
+    def score(depth: float) -> dict:
         t0 = time.time()
         m = evaluate_stack(net, x, y, cfg, params.train.threshold, keep=0, h=depth).metrics
-        result[f"h_{name}"] = {"seconds": round(time.time() - t0, 1),
-                               **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
-        if depth == cfg.instances.h and name == "set" and h == depth:
-            result["h_chosen"] = result["h_set"]
-            break
+        return {"seconds": round(time.time() - t0, 1), **rounded(m)}
+
+    result["h_set"] = score(cfg.instances.h)
+    result["h_chosen"] = result["h_set"] if h == cfg.instances.h else score(h)
     save("epfl_evaluate", result)
+
+
+def rounded(d: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
 
 if __name__ == "__main__":
     main()

@@ -64,7 +64,7 @@ def _suggest(args: argparse.Namespace) -> None:
     refuse_to_lose_labels(args.output)
     if args.model.startswith("models:/"):
         tracking.configure(load_params(args.params).tracking if Path(args.params).exists() else TrackingParams())
-    net, ref = load_model(args.model)
+    net, ref, _ = load_model(args.model)
     s = suggest(net, args.input, args.output, k=args.k, unit=args.unit, patch_size=args.patch_size,
                 strategy=args.strategy, every=args.every, mc_passes=args.mc_passes, blank=args.blank, model_ref=ref)
     where = ", ".join(f"slice {r['slice']} ({r['y']},{r['x']})" for r in s["suggestions"][:3])
@@ -86,13 +86,13 @@ def _predict(args: argparse.Namespace) -> None:
         from emseg.config import TrackingParams
 
         tracking.configure(params.tracking if params else TrackingParams())
-    net, ref = load_model(args.model)
+    net, ref, tags = load_model(args.model)
     ev = params.evaluate if params else None
     inference = ev.inference.model_copy(update={"tta": args.tta or ev.inference.tta}) if ev else None
     kwargs = {"inference": inference, "instances": ev.instances} if ev else {}
-    if args.model.startswith("models:/") and (ev is None or ev.instances.h_choices):
+    if ev is None or ev.instances.h_choices:
         # The watershed depth `emseg evaluate` chose on this model's validation slices (version tag).
-        h = tracking.resolve_model_version(args.model).tags.get("watershed_h")
+        h = tags.get("watershed_h")
         if h is not None:
             from emseg.config import InstanceParams
 

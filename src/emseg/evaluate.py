@@ -12,6 +12,7 @@ from emseg.config import EvaluateParams
 from emseg.inference import predict_tiled
 from emseg.instances import connected_instances, instance_scores, match_instances, split_instances, true_instances
 from emseg.metrics import add_counts, confusion, scores
+from emseg.model.network import channels_last
 
 PR_BINS = 100
 
@@ -38,6 +39,15 @@ def _pr_curve(fg_hist: np.ndarray, bg_hist: np.ndarray) -> list[dict]:
     return rows
 
 
+def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool):
+    """Yield each slice's tiled prediction, with a progress bar; the network's layout is switched
+    once for the stack (``cfg.inference.channels_last``), not once per slice inside predict_tiled."""
+    inf = cfg.inference.model_dump()
+    with channels_last(net, cfg.inference.channels_last):
+        for i in tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress):
+            yield predict_tiled(net, images[i], **inf)
+
+
 def choose_watershed_h(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5,
                        progress: bool = True) -> tuple[float, list[dict]]:
     """The h of ``cfg.instances.h_choices`` with the best instance F1 on these (validation) slices.
@@ -48,8 +58,7 @@ def choose_watershed_h(net, images, labels, cfg: EvaluateParams, threshold: floa
     ins = cfg.instances
     choices = list(ins.h_choices) or [ins.h]
     counts: list[dict] = [{} for _ in choices]
-    for i in tqdm(range(len(images)), desc="choose watershed h", unit="slice", disable=not progress):
-        prob = predict_tiled(net, images[i], **cfg.inference.model_dump())
+    for i, prob in enumerate(_probabilities(net, images, cfg, "choose watershed h", progress)):
         lab = np.asarray(labels[i])
         truth, valid = true_instances(lab), lab != IGNORE
         for k, h in enumerate(choices):
@@ -67,7 +76,6 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
     """Predict every slice (tiled), accumulate pixel counts, instance matches and the PR histogram.
 
     ``h``: the watershed depth (default ``cfg.instances.h``), e.g. one chosen by ``choose_watershed_h``."""
-    inf = cfg.inference.model_dump()
     ins = cfg.instances
     h = ins.h if h is None else h
     counts: dict = {}
@@ -79,8 +87,7 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
     n = len(images)
     keep_idx = set(np.linspace(0, n - 1, keep).round().astype(int).tolist()) if keep else set()
     examples = []
-    for i in tqdm(range(n), desc="evaluate", unit="slice", disable=not progress):
-        prob = predict_tiled(net, images[i], **inf)
+    for i, prob in enumerate(_probabilities(net, images, cfg, "evaluate", progress)):
         lab = np.asarray(labels[i])
         c = confusion(prob > threshold, lab)
         counts = add_counts(counts, c)

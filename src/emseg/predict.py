@@ -23,7 +23,7 @@ from emseg.errors import OutputError
 from emseg.fsutil import allocated_memmap, atomic_dir, write_json
 from emseg.inference import predict_tiled
 from emseg.instances import split_instances
-from emseg.model.network import SegmentationNet, load_weights
+from emseg.model.network import SegmentationNet, channels_last, load_weights
 
 
 def refuse_existing(output: str | Path, overwrite: bool) -> None:
@@ -39,16 +39,20 @@ def predict_stack_iter(net, slices, progress: bool, total: int, inference: Infer
         yield predict_tiled(net, sl, **inference.model_dump())
 
 
-def load_model(ref: str) -> tuple[SegmentationNet, str]:
-    """A network from a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a local weights file."""
+def load_model(ref: str) -> tuple[SegmentationNet, str, dict]:
+    """A network from a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a local weights file,
+    with the tags of the registry version it came from ({} for a file): one lookup, so an alias
+    that moves meanwhile cannot pair these weights with another version's tags."""
+    tags: dict = {}
     if ref.startswith("models:/"):
-        from emseg.tracking import download_weights
+        from emseg.tracking import download_version_weights, resolve_model_version
 
-        path = download_weights(ref)
+        mv = resolve_model_version(ref)
+        path, tags = download_version_weights(mv, ref), dict(mv.tags)
     else:
         path = Path(ref)
     net, _ = load_weights(path)
-    return net.eval(), str(ref)
+    return net.eval(), str(ref), tags
 
 
 FORMATS = ("tiff", "ome-zarr")
@@ -87,7 +91,8 @@ def _predicted_slices(net, info, mean: float, std: float, inference, instances, 
                       state: dict):
     """Yield (probability x 255 as uint8, uint32 instance labels unique through the stack), slice by slice."""
     n = info.shape[0]
-    with StackReader(info) as reader:
+    # The layout is switched once for the stack, not once per slice inside predict_tiled.
+    with StackReader(info) as reader, channels_last(net, inference.channels_last):
         normalised = ((reader.read(z).astype(np.float32) - mean) / std for z in range(n))
         for prob in predict_stack_iter(net, normalised, progress, n, inference):
             labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)

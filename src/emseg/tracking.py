@@ -221,9 +221,13 @@ def resolve_model_version(uri: str):
 
 def download_weights(uri: str) -> Path:
     """Local path of the safe weights file behind a registry URI."""
+    return download_version_weights(resolve_model_version(uri), uri)
+
+
+def download_version_weights(mv, uri: str) -> Path:
+    """Local path of the safe weights file of an already resolved model version (``uri`` names it in errors)."""
     import mlflow
 
-    mv = resolve_model_version(uri)
     if not mv.run_id:
         raise EmsegError(f"{uri}: model version {mv.version} has no source run with weights")
     dst = Path(tempfile.mkdtemp(prefix="emseg-weights-"))

@@ -118,8 +118,8 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=params.seed), pruner=pruner,
                                 load_if_exists=True)
-    if cfg.heartbeat_s:
-        dead = fail_trials_without_heartbeat(study, storage, 2 * cfg.heartbeat_s)
+    if storage.heartbeat_interval:
+        dead = fail_trials_without_heartbeat(study, storage, storage.grace_period)
         if dead:
             print(f"tune: trial(s) {', '.join(map(str, dead))} of an interrupted run never sent a heartbeat: marked failed")
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
