@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
 
 from emseg.errors import EmsegError
 
+DEFAULT_PARAMS = "params.yaml"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emseg", description="Few-label EM segmentation (DVC + MLflow + Optuna).")
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--params", default=None, help=f"params file (default: {DEFAULT_PARAMS})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("fetch", help="materialise the raw stacks of data.source into data/raw")
     sub.add_parser("prepare", help="validate raw stacks, choose slices, write data/prepared")
@@ -50,23 +54,49 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _suggest(args: argparse.Namespace) -> None:
+def _optional_params(args: argparse.Namespace):
+    """predict and suggest run outside a project too: params.yaml if present; a --params that is named must exist."""
     from pathlib import Path
 
-    from emseg import tracking
-    from emseg.active.suggest import refuse_to_lose_labels, suggest
-    from emseg.config import TrackingParams, load_params
-    from emseg.predict import load_model, refuse_existing
+    from emseg.config import load_params
+
+    if args.params is not None:
+        return load_params(args.params)
+    return load_params(DEFAULT_PARAMS) if Path(DEFAULT_PARAMS).exists() else None
+
+
+def _claim(args: argparse.Namespace) -> None:
+    """Before loading anything: the output may be written (and replaced only if emseg wrote it)."""
+    from emseg.fsutil import claim_output
+
+    inputs = [args.input] + ([args.model] if not args.model.startswith("models:/") else [])
+    claim_output(args.output, args.overwrite, inputs=inputs + [args.params or DEFAULT_PARAMS])
+
+
+def _load_model(args: argparse.Namespace, params):
+    from emseg.predict import load_model
+
+    if args.model.startswith("models:/"):
+        from emseg import tracking
+        from emseg.config import TrackingParams
+
+        cfg = params.tracking if params else TrackingParams()
+        tracking.require_store(cfg)  # never create an empty store just to say the model is not in it
+        tracking.configure(cfg)
+    return load_model(args.model)
+
+
+def _suggest(args: argparse.Namespace) -> None:
+    from emseg.active.suggest import suggest
 
     if args.k < 1 or args.every < 1 or args.patch_size < 32 or args.mc_passes < 2:
         raise EmsegError("-k and --every must be at least 1, --patch-size at least 32, --mc-passes at least 2")
-    refuse_existing(args.output, args.overwrite)
-    refuse_to_lose_labels(args.output)
-    if args.model.startswith("models:/"):
-        tracking.configure(load_params(args.params).tracking if Path(args.params).exists() else TrackingParams())
-    net, ref, _ = load_model(args.model)
+    params = _optional_params(args)
+    _claim(args)
+    net, ref, _ = _load_model(args, params)
     s = suggest(net, args.input, args.output, k=args.k, unit=args.unit, patch_size=args.patch_size,
-                strategy=args.strategy, every=args.every, mc_passes=args.mc_passes, blank=args.blank, model_ref=ref)
+                strategy=args.strategy, every=args.every, mc_passes=args.mc_passes, blank=args.blank, model_ref=ref,
+                overwrite=args.overwrite)
     where = ", ".join(f"slice {r['slice']} ({r['y']},{r['x']})" for r in s["suggestions"][:3])
     print(f"suggest: {s['k']} {args.unit + ('es' if args.unit == 'patch' else 's')} of {s['size']} px to label ({args.strategy}; top: {where}) -> "
           f"{args.output}/suggestions.csv; paint the *_labels.tif templates (255 object, 0 background, "
@@ -74,19 +104,11 @@ def _suggest(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from emseg.predict import predict_to_folder
 
-    from emseg import tracking
-    from emseg.config import load_params
-    from emseg.predict import load_model, predict_to_folder, refuse_existing
-
-    params = load_params(args.params) if Path(args.params).exists() else None
-    refuse_existing(args.output, args.overwrite)  # before loading anything
-    if args.model.startswith("models:/"):
-        from emseg.config import TrackingParams
-
-        tracking.configure(params.tracking if params else TrackingParams())
-    net, ref, tags = load_model(args.model)
+    params = _optional_params(args)
+    _claim(args)
+    net, ref, tags = _load_model(args, params)
     ev = params.evaluate if params else None
     inference = ev.inference.model_copy(update={"tta": args.tta or ev.inference.tta}) if ev else None
     kwargs = {"inference": inference, "instances": ev.instances} if ev else {}
@@ -116,11 +138,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         from emseg.config import load_params
         from emseg.registry import promote
 
-        tracking.configure(load_params(args.params).tracking)
+        cfg = load_params(args.params or DEFAULT_PARAMS).tracking
+        tracking.require_store(cfg)
+        tracking.configure(cfg)
         promote(args.name, args.version, args.alias)
         print(f"promote: {args.name} version {args.version} now has alias {args.alias!r}")
     else:
-        importlib.import_module(f"emseg.stages.{args.command.replace('-', '_')}").run(args.params)
+        importlib.import_module(f"emseg.stages.{args.command.replace('-', '_')}").run(args.params or DEFAULT_PARAMS)
 
 
 def _close_progress_bars() -> None:
@@ -132,17 +156,58 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a cluster's time limit, a closed terminal): unwound like Ctrl-C, so every
+    temporary output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            old[sig] = signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):  # not the main thread (an embedding program): leave its handlers
+            pass
+    return old
+
+
+def _os_error_line(exc: OSError) -> str:
+    name = exc.filename if exc.filename is not None else ""
+    why = "name too long (a path component over 255 bytes?)" if exc.errno == errno.ENAMETOOLONG else (
+        "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc))
+    return f"{name}: {why}" if name else why
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    old_handlers = _install_signal_handlers()
     try:
         _dispatch(args)
     except EmsegError as exc:
         _close_progress_bars()  # so the error starts a line of its own
         print(f"emseg {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"emseg {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:  # the file system said no (permissions, names too long, a full disk): the user's to fix
+        _close_progress_bars()
+        print(f"emseg {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        _close_progress_bars()
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"emseg {args.command}: interrupted ({signal.Signals(signum).name}); nothing half-written was kept",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -11,12 +11,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from emseg.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 SliceSpec = Union[PositiveInt, list[Annotated[int, Field(ge=0)]]]
+
+
+LABEL_VALUES = (0, 1, 255)  # background 0, foreground 255 (or 1): an ignore value must be none of them
+
+
+def _not_a_label_value(v: int) -> int:
+    if v in LABEL_VALUES:
+        raise ValueError(f"{v} is a label value (0 background, 255 or 1 foreground); choose another, for example 128")
+    return v
+
+
+IgnoreValue = Annotated[int, Field(ge=0, le=65535), AfterValidator(_not_a_label_value)]
 
 
 class _Strict(BaseModel):
@@ -58,7 +70,7 @@ class DataParams(_Strict):
     # Only for sources without a separate test stack: slices held out of the training stack.
     test_slices: Optional[SliceSpec] = None
     # Label value that means "not annotated" (partially labelled slices); None: every pixel labelled.
-    ignore_value: Optional[Annotated[int, Field(ge=0, le=65535)]] = None
+    ignore_value: Optional[IgnoreValue] = None
     generated: GeneratedSource = GeneratedSource()
     # Folder of `emseg suggest` outputs; painted templates found under it join the training data.
     annotations: Optional[str] = "annotations"
@@ -227,7 +239,7 @@ class PretrainSource(_Strict):
     labels: str
     scale: Annotated[float, Field(gt=0, le=4)] = 1.0  # resample so pixel sizes match the target's
     invert: bool = False  # swap foreground and background (ISBI 2012 labels cell interior 255)
-    ignore_value: Optional[Annotated[int, Field(ge=0, le=65535)]] = None
+    ignore_value: Optional[IgnoreValue] = None
     val_slices: PositiveInt = 2
 
 
@@ -309,11 +321,21 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected a params YAML file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) > 1 and b"\x00" in data[:2]):
+        # What PowerShell's `>` writes. DVC reads params.yaml too, and only as UTF-8: convert rather than guess.
+        raise ConfigError(f"{path}: is encoded as UTF-16; save it as UTF-8 (PowerShell: "
+                          f"Get-Content {path.name} | Set-Content -Encoding utf8 {path.name})")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -323,7 +345,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _written_paths(params: Params) -> dict[str, str]:
     """The params that name places emseg writes to (relative ones are relative to the project)."""
-    out = {"data.epfl.cache_dir": params.data.epfl.cache_dir, "tracking.artifact_root": params.tracking.artifact_root}
+    out = {"tracking.artifact_root": params.tracking.artifact_root}
+    if params.data.epfl is not None:
+        out["data.epfl.cache_dir"] = params.data.epfl.cache_dir
     for key, url in (("tune.storage", params.tune.storage), ("tracking.tracking_uri", params.tracking.tracking_uri)):
         if url.startswith("sqlite:///"):
             out[key] = url[len("sqlite:///"):]

@@ -1,17 +1,34 @@
-"""Write outputs all-or-nothing: a failed step leaves no partial file that looks valid."""
+"""Write outputs all-or-nothing, and never replace what emseg did not write.
+
+A failed step leaves no partial file that looks valid: outputs are built in a temporary folder
+beside their destination and moved into place only when complete. The temporary names carry the
+host and process id (``.NAME.tmp-HOST-PID-XXXX``), so the next run can remove what a process killed
+with SIGKILL left behind, without touching the work of a live process on this or another host.
+
+``--overwrite`` is dangerous in a folder that holds a person's data, so :func:`claim_output` lets a
+command replace only a folder that emseg itself wrote (it carries the :data:`MARKER` file), never a
+folder that is or contains an input or the current folder, and never one with painted labels below it.
+Everything created here follows the umask, as files written by ``open`` do, so lab-mates can read it.
+"""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from emseg.errors import OutputError
+
+MARKER = ".emseg-output.json"  # written into every folder that emseg may later replace with --overwrite
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)(?:-[a-z0-9_]+)?$")
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:
@@ -19,28 +36,139 @@ def _output_error(path: Path, exc: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write output ({why})")
 
 
-@contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``final``; move it into place only if the block succeeds."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path, directory: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600 whatever the umask; give the usual permissions back."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _temp_prefix(final: Path, kind: str) -> str:
+    return f".{final.name}.{kind}-{_HOST}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: str | Path) -> list[Path]:
+    """Remove the temporaries beside ``final`` left by dead processes of this host (kill -9, power loss)."""
     final = Path(final)
+    removed = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TEMP.match(p.name)
+        if not m or m["name"] != final.name or m["host"] != _HOST or _pid_alive(int(m["pid"])):
+            continue
+        _remove(p)
+        removed.append(p)
+    return removed
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+@contextmanager
+def atomic_dir(final: str | Path, marker: dict | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``final``; move it into place only if the block succeeds.
+
+    With ``marker`` (what wrote the folder), :data:`MARKER` is written into it, so a later
+    ``--overwrite`` may replace it. An existing ``final`` is replaced: callers check with
+    :func:`claim_output` first where ``final`` is a place a user chose.
+    """
+    final = Path(final)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        remove_stale_temporaries(final)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final, "tmp"), dir=final.parent))
+        follow_umask(tmp, directory=True)
     except OSError as exc:
+        _remove_empty(created)
         raise _output_error(final, exc) from None
     try:
         yield tmp
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
+        if marker is not None:
+            write_json(tmp / MARKER, {"written_by": "emseg", **marker})
+        old = final.with_name(_temp_prefix(final, "old").rstrip("-"))
+        if final.exists() or final.is_symlink():
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise _output_error(final, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the parent folders this call created (innermost first), if they are still empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def claim_output(output: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse, in one line, an output folder whose replacement could lose somebody's data.
+
+    Without ``overwrite`` an existing output is refused. With it, only a folder that emseg wrote
+    (it holds :data:`MARKER`) or an empty folder may be replaced, and never one that is or contains
+    one of ``inputs`` or the current folder, nor one with painted label templates anywhere below it.
+    """
+    out = Path(output)
+    resolved = out.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if _inside(src, resolved):
+            raise OutputError(f"{output}: is or contains the input {given}; choose a new output folder")
+    if _inside(Path.cwd().resolve(), resolved) and (out.exists() or out.is_symlink()):
+        raise OutputError(f"{output}: is or contains the current folder; choose a new output folder")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise OutputError(f"{output}: already exists; choose another output or pass --overwrite")
+    if out.is_symlink() or not out.is_dir():
+        raise OutputError(f"{output}: is a file, not an emseg output folder; refusing to replace it")
+    if any(out.iterdir()) and not (out / MARKER).is_file():
+        raise OutputError(f"{output}: was not written by emseg (it has no {MARKER}); refusing to replace it "
+                          "with --overwrite; choose a new output folder")
+    from emseg.data.annotations import painted_templates_below
+
+    painted = painted_templates_below(out)
+    if painted:
+        names = ", ".join(str(p.relative_to(out)) for p in painted[:3]) + (", ..." if len(painted) > 3 else "")
+        raise OutputError(f"{output}: holds painted labels ({names}); refusing to replace it; "
+                          "write the new output to another folder")
 
 
 @contextmanager
@@ -52,7 +180,9 @@ def staged_files(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".staged-", dir=dest))
+        remove_stale_temporaries(dest / "staged")
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest / "staged", "tmp"), dir=dest))
+        follow_umask(tmp, directory=True)
     except OSError as exc:
         raise _output_error(dest, exc) from None
     try:
@@ -71,7 +201,9 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator[Any]:
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+        remove_stale_temporaries(final)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final, "tmp"), dir=final.parent)
+        follow_umask(Path(tmp), directory=False)
     except OSError as exc:
         raise _output_error(final, exc) from None
     try:
@@ -92,12 +224,11 @@ def write_json(path: str | Path, obj: Any) -> None:
         fh.write("\n")
 
 
-def copy_path(src: Path, dst: Path) -> None:
-    """Copy a file or a folder of slices."""
-    if src.is_dir():
-        shutil.copytree(src, dst)
-    else:
-        shutil.copyfile(src, dst)
+def copy_files(files: Iterable[Path], dst: Path) -> None:
+    """Copy the given files (the slices of a stack, nothing else) into a new folder ``dst``."""
+    dst.mkdir()
+    for f in files:
+        shutil.copyfile(f, dst / f.name)
 
 
 def allocated_memmap(path: str | Path, dtype, shape: tuple[int, ...]):

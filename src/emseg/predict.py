@@ -6,7 +6,8 @@ Outputs, in a new folder: ``probabilities.tif`` (uint8, probability x 255), ``in
 Zarr v2 layout, readable by napari, Fiji/MoBIE and ome-zarr-py): the probabilities are the image,
 the instances its label image ``labels/instances``; every slice is written as soon as it is
 predicted, so neither stack is ever held in memory. The folder appears only when complete; an
-existing one is refused unless ``overwrite``.
+existing one is refused unless ``overwrite``, and even then only an earlier
+emseg output may be replaced (:func:`emseg.fsutil.claim_output`).
 """
 
 from __future__ import annotations
@@ -17,18 +18,13 @@ import numpy as np
 import tifffile
 
 from emseg.config import InferenceParams, InstanceParams
-from emseg.data.io import StackReader, inspect_stack
+from emseg.data.io import StackReader, inspect_stack, normalise
 from emseg.data.prepare import stack_stats
 from emseg.errors import OutputError
-from emseg.fsutil import allocated_memmap, atomic_dir, write_json
+from emseg.fsutil import allocated_memmap, atomic_dir, claim_output, write_json
 from emseg.inference import predict_tiled
 from emseg.instances import split_instances
 from emseg.model.network import SegmentationNet, channels_last, load_weights
-
-
-def refuse_existing(output: str | Path, overwrite: bool) -> None:
-    if Path(output).exists() and not overwrite:
-        raise OutputError(f"{output}: already exists; choose another output or pass --overwrite")
 
 
 def predict_stack_iter(net, slices, progress: bool, total: int, inference: InferenceParams):
@@ -93,7 +89,7 @@ def _predicted_slices(net, info, mean: float, std: float, inference, instances, 
     n = info.shape[0]
     # The layout is switched once for the stack, not once per slice inside predict_tiled.
     with StackReader(info) as reader, channels_last(net, inference.channels_last):
-        normalised = ((reader.read(z).astype(np.float32) - mean) / std for z in range(n))
+        normalised = (normalise(reader.read(z), mean, std) for z in range(n))
         for prob in predict_stack_iter(net, normalised, progress, n, inference):
             labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)
             k = int(labels.max())
@@ -130,12 +126,12 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
     output = Path(output)
     if fmt not in FORMATS:
         raise OutputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    refuse_existing(output, overwrite)
+    claim_output(output, overwrite, inputs=[input_path])
     info = inspect_stack(input_path)
     mean, std = stack_stats(info)  # the stack is normalised by its own statistics, as in training
     shape = tuple(info.shape)
     state = {"next_label": 0}
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, marker={"command": "predict"}) as tmp:
         pages = _predicted_slices(net, info, mean, std, inference, instances, threshold, progress, state)
         if fmt == "ome-zarr":
             _write_ome_zarr(tmp / "prediction.ome.zarr", shape, pages)
@@ -144,6 +140,7 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
         else:
             outputs = _write_tiffs(tmp, shape, pages)
         summary = {"input": str(input_path), "model": model_ref, "shape": list(shape), "objects": state["next_label"],
+                   "slice_files": [f.name for f in info.files] or None,
                    "threshold": threshold, "normalisation": {"mean": mean, "std": std},
                    "instances": instances.model_dump(exclude={"h_choices"}), "outputs": outputs}
         write_json(tmp / "summary.json", summary)

@@ -56,4 +56,7 @@ def promote(name: str, version: str, alias: str) -> None:
         client.get_model_version(name, str(version))
     except MlflowException:
         raise EmsegError(f"registered model {name!r} has no version {version}") from None
-    client.set_registered_model_alias(name, alias, str(version))
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        raise EmsegError(f"--alias {alias!r}: {str(exc).splitlines()[0]}") from None

@@ -25,10 +25,43 @@ def absolute_sqlite(uri: str, root: Path) -> str:
     return uri
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _sqlite_path(uri: str, root: Path) -> Path | None:
+    prefix = "sqlite:///"
+    return (root / uri[len(prefix):]).resolve() if uri.startswith(prefix) else None
+
+
+def check_store(cfg: TrackingParams, root: str | Path = ".") -> None:
+    """A SQLite store that exists must be one: a damaged file is one line, not a database traceback."""
+    path = _sqlite_path(cfg.tracking_uri, Path(root))
+    if path is None or not path.exists():
+        return
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise EmsegError(f"{path}: cannot read the MLflow store ({exc.strerror})") from None
+    if head != SQLITE_HEADER and (head or path.stat().st_size):
+        raise EmsegError(f"{path}: the MLflow store is damaged (not an SQLite database); restore it from a backup "
+                         f"or move it away to start a new one")
+
+
+def require_store(cfg: TrackingParams, root: str | Path = ".") -> None:
+    """For commands that only read the registry: the store must already exist (none is created here)."""
+    path = _sqlite_path(cfg.tracking_uri, Path(root))
+    if path is not None and not path.is_file():
+        raise EmsegError(f"{path}: no MLflow store here; run the command in the project folder (or give "
+                         f"--params with its tracking settings), or pass a weights file instead of models:/...")
+    check_store(cfg, root)
+
+
 def configure(cfg: TrackingParams, root: str | Path = ".") -> str:
     """Point MLflow at the project's store; create the experiment with artifacts under mlruns/."""
     import mlflow
 
+    check_store(cfg, root)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     import logging
 

@@ -17,7 +17,6 @@ any painted pixel, the next ``dvc repro`` adds that patch to the training data (
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,10 @@ from tqdm.auto import tqdm
 
 from emseg.active.pool import score_pool
 from emseg.active.strategies import STRATEGIES, Candidates, grid_candidates, select
-from emseg.data.io import check_image_dtype, inspect_stack, read_slices, sha256_of
+from emseg.data.io import check_image_dtype, inspect_stack, normalise, read_slices, sha256_of
 from emseg.data.prepare import stack_stats
 from emseg.errors import ConfigError
-from emseg.fsutil import atomic_dir, write_json
+from emseg.fsutil import atomic_dir, claim_output, write_json
 
 BLANK = 128
 
@@ -40,7 +39,8 @@ def _slices_to_score(n: int, every: int) -> list[int]:
 def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 8, unit: str = "patch",
             patch_size: int = 256, strategy: str = "entropy", every: int = 1, mc_passes: int = 8,
             blank: int = BLANK, model_ref: str = "", seed: int = 0, max_overlap: float = 0.25,
-            z_gap: int = 2, progress: bool = True) -> dict:
+            z_gap: int = 2, progress: bool = True, overwrite: bool = False) -> dict:
+    claim_output(output, overwrite, inputs=[input_path])
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     if unit not in ("patch", "slice"):
@@ -60,7 +60,7 @@ def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 8, unit
     zyx, feats = [], []
     # One slice at a time, keeping only patch scores and features: memory does not grow with the stack.
     for z, raw in zip(tqdm(zs, desc="suggest: score slices", unit="slice", disable=not progress), read_slices(info, zs)):
-        img = ((raw.astype(np.float32) - mean) / std)[None]
+        img = normalise(raw, mean, std)[None]
         local = (grid_candidates(1, H, W, size, max(size // 2, 1)) if unit == "patch"
                  else Candidates(np.array([[0, 0, 0]]), min(H, W)))
         pool = score_pool(net, img, local, passes, progress=False, keep_maps=unit == "slice")
@@ -79,10 +79,10 @@ def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 8, unit
                "blank": blank, "scored_slices": len(zs), "suggestions": []}
     maps = {}  # the uncertainty map of each chosen slice, recomputed for the pictures
     for z in sorted({int(cands.zyx[i][0]) for i in picks}):
-        img = ((next(read_slices(info, [z])).astype(np.float32) - mean) / std)[None]
+        img = normalise(next(read_slices(info, [z])), mean, std)[None]
         one = Candidates(np.array([[0, 0, 0]]), min(H, W))
         maps[z] = score_pool(net, img, one, passes, progress=False).maps["bald" if strategy == "bald" else "entropy"][0]
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, marker={"command": "suggest"}) as tmp:
         _write(tmp, info, cands, picks, score[base], maps, blank, summary)
     return summary
 
@@ -115,23 +115,3 @@ def _write(tmp: Path, info, cands: Candidates, picks, score, maps, blank: int, s
     summary["suggestions"] = rows
     write_json(tmp / "suggestions.json", summary)
     plot_suggestions(slices, rows, tmp / "overview.png")
-
-
-def painted(path: str | Path, blank: int) -> bool:
-    """Whether a label template holds any pixel other than the blank value."""
-    import tifffile
-
-    return bool((tifffile.imread(path) != blank).any())
-
-
-def refuse_to_lose_labels(folder: str | Path) -> None:
-    """Never replace a suggestions folder in which somebody has started painting."""
-    meta = Path(folder) / "suggestions.json"
-    if not meta.is_file():
-        return
-    info = json.loads(meta.read_text())
-    done = [r["labels"] for r in info.get("suggestions", [])
-            if (Path(folder) / r["labels"]).is_file() and painted(Path(folder) / r["labels"], info.get("blank", BLANK))]
-    if done:
-        raise ConfigError(f"{folder}: holds painted labels ({', '.join(done[:3])}{'...' if len(done) > 3 else ''}); "
-                          "refusing to replace it; write the new suggestions to another folder")

@@ -9,6 +9,7 @@ with the blank pixels marked IGNORE so the loss skips them. Untouched templates 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,11 @@ def _read(path: Path) -> np.ndarray:
     import tifffile
 
     try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return np.asarray(im)
         return np.asarray(tifffile.imread(path))
     except Exception as exc:
         raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
@@ -64,6 +70,45 @@ def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
             records.append({"file": str(lab_path.relative_to(folder)), "slice": r["slice"], "y": r["y"], "x": r["x"],
                             "labelled_pixels": int((out != IGNORE).sum()), "source": meta.get("input")})
     return images, labels, records
+
+
+TEMPLATE_SUFFIXES = ("_labels.tif", "_labels.tiff", "_labels.png")
+DEFAULT_BLANK = 128
+
+
+def _blank_of(folder: Path, cache: dict) -> int | None:
+    """The blank value recorded by `emseg suggest` in ``folder`` (128 without a record; None: unreadable)."""
+    if folder not in cache:
+        meta = folder / "suggestions.json"
+        try:
+            cache[folder] = int(json.loads(meta.read_text()).get("blank", DEFAULT_BLANK)) if meta.is_file() else DEFAULT_BLANK
+        except (OSError, ValueError, TypeError, AttributeError):
+            cache[folder] = None
+    return cache[folder]
+
+
+def painted_templates_below(folder: str | Path) -> list[Path]:
+    """Every label template under ``folder`` that somebody may have painted (links are not followed).
+
+    A template counts as painted when it holds a pixel other than its blank value, and also when it
+    or its folder's ``suggestions.json`` cannot be read: when in doubt, somebody's work is kept.
+    """
+    found: list[Path] = []
+    blanks: dict[Path, int | None] = {}
+    for here, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(files):
+            if not name.lower().endswith(TEMPLATE_SUFFIXES):
+                continue
+            path = Path(here) / name
+            blank = _blank_of(Path(here), blanks)
+            try:
+                lab = _read(path)
+            except DataError:
+                found.append(path)
+                continue
+            if blank is None or bool((lab != blank).any()):
+                found.append(path)
+    return found
 
 
 def stack_padded(images: list[np.ndarray], labels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

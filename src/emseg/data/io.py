@@ -1,14 +1,19 @@
 """Stack I/O: read (z, y, x) grey stacks one slice at a time.
 
-A stack is a multi-page TIFF file or a folder of 2D TIFF/PNG slices (sorted by name). Only the
-header is read to learn the shape, and slices are decoded one at a time, so a gigavoxel stack never
-needs more than one slice in memory. Every failure becomes a :class:`DataError` naming the file.
+A stack is a multi-page TIFF file or a folder of 2D TIFF/PNG slices, taken in natural order
+(``s2`` before ``s10``, as a person numbers them), from that folder alone: subfolders, other files
+and links to folders are not read. Only headers are read to learn the shape (every slice file's,
+so a folder mixing types or sizes is refused before anything is written), and slices are decoded
+one at a time, so a gigavoxel stack never needs more than one slice in memory. Compressed TIFFs
+(LZW, JPEG, Deflate, ZSTD: what Fiji and microscopes write) decode through imagecodecs. Every failure
+becomes a :class:`DataError` naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,43 @@ class StackInfo:
     dtype: np.dtype
     files: tuple[Path, ...] = ()  # the slice files, for a folder of slices
     by_page: bool = False  # a TIFF written as one series per page: slice z is page z
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key in which digit runs compare as numbers: s1, s2, s10 (not s1, s10, s2)."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part.lower())
+                 for part in re.split(r"(\d+)", name) if part)
+
+
+def slice_files(folder: Path) -> tuple[Path, ...]:
+    """The slice files of a folder stack in natural order: regular files (or links to files) only."""
+    return tuple(sorted((p for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES and p.is_file()),
+                        key=lambda p: natural_key(p.name)))
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a 2D slice file from its header alone."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                w, h = im.size
+                modes = {"L": np.uint8, "1": np.bool_, "I;16": np.uint16, "I;16B": np.uint16, "I": np.int32,
+                         "F": np.float32}
+                if im.mode not in modes:
+                    return (h, w, len(im.getbands())), np.dtype(np.uint8)
+                return (h, w), np.dtype(modes[im.mode])
+        with tifffile.TiffFile(path) as tf:
+            if not tf.series:
+                raise DataError(f"{path}: TIFF file holds no images")
+            return tuple(tf.series[0].shape), np.dtype(tf.series[0].dtype)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as exc:  # corrupt files raise many different types
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
 def _read_2d_file(path: Path) -> np.ndarray:
@@ -87,13 +129,21 @@ def inspect_stack(path: str | Path) -> StackInfo:
     if not path.exists():
         raise DataError(f"{path}: file or folder not found")
     if path.is_dir():
-        files = tuple(sorted(p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES))
+        try:
+            files = slice_files(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot list the folder ({exc.strerror})") from None
         if not files:
             raise DataError(f"{path}: folder holds no .tif/.tiff/.png slices")
-        first = _read_2d_file(files[0])
-        if first.ndim != 2:
-            raise DataError(f"{files[0]}: expected a 2D grey slice, got shape {first.shape} (colour or multi-channel?)")
-        return StackInfo(path, _check_dims(path, (len(files), *first.shape)), first.dtype, files)
+        headers = [_header(f) for f in files]
+        shape, dtype = headers[0]
+        if len(shape) != 2:
+            raise DataError(f"{files[0]}: expected a 2D grey slice, got shape {shape} (colour or multi-channel?)")
+        for f, (s, d) in zip(files, headers):
+            if s != shape or d != dtype:
+                raise DataError(f"{path}: slices differ: {files[0].name} is {dtype} {shape[0]}x{shape[1]}, {f.name} is "
+                                f"{d} {'x'.join(map(str, s))}; expected one type and size for the whole stack")
+        return StackInfo(path, _check_dims(path, (len(files), *shape)), dtype, files)
     try:
         with _tifffile_warnings() as warnings, tifffile.TiffFile(path) as tf:
             if not tf.series:
@@ -166,6 +216,31 @@ def read_slices(info: StackInfo, indices: Sequence[int]) -> Iterator[np.ndarray]
             yield reader.read(int(z))
 
 
+def where(info: StackInfo, z: int) -> str:
+    """How errors name slice z: its own file for a folder of slices, the stack and index otherwise."""
+    return str(info.files[z]) if info.files else f"{info.path} slice {z}"
+
+
+MAX_ABS_VALUE = 1e30  # beyond it a float "intensity" is a fill value (float32's max is 3.4e38), not a signal
+
+
+def check_values(sl: np.ndarray, where: str) -> None:
+    """Refuse slices whose values no normalisation can make sense of (before anything is written)."""
+    if np.issubdtype(sl.dtype, np.floating):
+        if not np.isfinite(sl).all():
+            raise DataError(f"{where}: image holds NaN or infinite values")
+        big = float(np.abs(sl).max(initial=0.0))
+        if big > MAX_ABS_VALUE:
+            raise DataError(f"{where}: image holds values up to {big:.3g}, beyond the {MAX_ABS_VALUE:.0e} emseg accepts "
+                            "(a fill value?); rescale or clip the stack")
+
+
+def normalise(raw: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """z-score one slice to float32; float inputs are computed in float64 so that nothing overflows."""
+    work = np.float64 if np.issubdtype(raw.dtype, np.floating) else np.float32
+    return ((raw.astype(work) - mean) / std).astype(np.float32)
+
+
 def check_image_dtype(info: StackInfo) -> None:
     if info.dtype not in IMAGE_DTYPES and not np.issubdtype(info.dtype, np.floating):
         raise DataError(f"{info.path}: expected uint8 or uint16 (or float) grey images, got {info.dtype}")
@@ -179,10 +254,10 @@ def check_pair(image: StackInfo, labels: StackInfo) -> None:
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, or of a folder's files (names and bytes) in sorted order; streamed."""
+    """SHA-256 of a file, or of a folder stack's slice files (names and bytes) in natural order; streamed."""
     path = Path(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = slice_files(path) if path.is_dir() else [path]
     for f in files:
         if path.is_dir():
             h.update(str(f.relative_to(path)).encode() + b"\0")

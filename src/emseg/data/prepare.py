@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from emseg import IGNORE
 from emseg.config import DataParams
-from emseg.data.io import StackInfo, StackReader, check_image_dtype, check_pair, inspect_stack
+from emseg.data.io import (StackInfo, StackReader, check_image_dtype, check_pair, check_values, inspect_stack,
+                          normalise, where)
 from emseg.data.sources import load_source
 from emseg.errors import ConfigError, DataError
 from emseg.fsutil import allocated_memmap, atomic_dir, write_json
@@ -52,19 +53,25 @@ def select_slices(spec: SliceSpec, available: Sequence[int], key: str, n_total: 
 
 
 def stack_stats(info: StackInfo) -> tuple[float, float]:
-    """Mean and standard deviation of a whole stack, streamed slice by slice."""
-    total, s1, s2 = 0, 0.0, 0.0
+    """Mean and standard deviation of a whole stack, streamed slice by slice.
+
+    Per-slice means and squared deviations are combined pairwise (Chan et al.), in float64, so
+    neither large values nor many slices lose the variance to cancellation. Values no normalisation
+    can use (NaN, inf, fill values near float32's limit) are refused here, before anything is written.
+    """
+    total, mean, m2 = 0, 0.0, 0.0
     with StackReader(info) as reader:
         for z, sl in enumerate(tqdm(reader, total=info.shape[0], desc=f"statistics {info.path.name}", unit="slice")):
+            check_values(sl, where(info, z))
             sl = sl.astype(np.float64)
-            if not np.isfinite(sl).all():
-                raise DataError(f"{info.path} slice {z}: image holds NaN or infinite values")
-            total += sl.size
-            s1 += sl.sum()
-            s2 += np.square(sl).sum()
-    mean = s1 / total
-    std = float(np.sqrt(max(s2 / total - mean**2, 0.0)))
-    if std < 1e-6:
+            n, m = sl.size, float(sl.mean())
+            s2 = float(np.square(sl - m).sum())
+            delta = m - mean
+            mean += delta * n / (total + n)
+            m2 += s2 + delta * delta * total * n / (total + n)
+            total += n
+    std = float(np.sqrt(max(m2 / total, 0.0)))
+    if not std > 1e-6 * max(1.0, abs(mean)) or not np.isfinite(std):
         raise DataError(f"{info.path}: image stack is constant (every pixel {mean:g}); nothing to segment")
     return float(mean), std
 
@@ -88,10 +95,9 @@ def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg
     fg = labelled = 0
     with StackReader(img_info) as ir, StackReader(lab_info) as lr:
         for i, z in enumerate(tqdm(indices, desc=f"prepare {name}", unit="slice")):
-            img = ir.read(z).astype(np.float32)
-            if not np.isfinite(img).all():
-                raise DataError(f"{img_info.path} slice {z}: image holds NaN or infinite values")
-            images[i] = (img - mean) / std
+            img = ir.read(z)
+            check_values(img, where(img_info, z))
+            images[i] = normalise(img, mean, std)
             lab = lr.read(z)
             label_mapping(set(np.unique(lab).tolist()), lab_info.path, ignore)  # every slice checked
             out_lab = np.where(lab == fg_value, 1, 0).astype(np.uint8)

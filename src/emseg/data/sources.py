@@ -20,13 +20,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from emseg.config import DataParams, EpflSource
 from emseg.data.generate import generate_slice
 from emseg.data.io import check_image_dtype, check_pair, inspect_stack, sha256_of
 from emseg.errors import ConfigError, DataError, DownloadError
-from emseg.fsutil import atomic_dir, copy_path, write_json
+from emseg.fsutil import atomic_dir, copy_files, write_json
 
 ROLES = ("train_image", "train_labels", "test_image", "test_labels")
 EPFL_FILES = {
@@ -57,7 +58,17 @@ def _write_generated(cfg, out: Path) -> dict[str, Path]:
     return files
 
 
-def _copy_user_stacks(cfg, out: Path) -> dict[str, Path]:
+def check_label_values(info, ignore) -> None:
+    """Every slice of a label stack decodes and holds only 0, the foreground value and ``ignore``."""
+    from emseg.data.io import StackReader
+    from emseg.data.prepare import label_mapping
+
+    with StackReader(info) as reader:
+        for lab in tqdm(reader, total=info.shape[0], desc=f"check {info.path.name}", unit="slice"):
+            label_mapping(set(np.unique(lab).tolist()), info.path, ignore)
+
+
+def _copy_user_stacks(cfg, out: Path, ignore=None) -> dict[str, Path]:
     if cfg is None:
         raise ConfigError("params.yaml: data.tiff: required when data.source is 'tiff' (keys image, labels)")
     given = {"train_image": cfg.image, "train_labels": cfg.labels,
@@ -70,10 +81,22 @@ def _copy_user_stacks(cfg, out: Path) -> dict[str, Path]:
         if f"{split}_image" in infos:
             check_image_dtype(infos[f"{split}_image"])
             check_pair(infos[f"{split}_image"], infos[f"{split}_labels"])
+    from emseg.data.prepare import stack_stats
+    # Decode every slice before copying: unreadable pages, NaN, fill values and stray label values are
+    # refused now, naming the user's file, rather than versioned by DVC and found by `prepare`.
+    for role, info in infos.items():
+        if role.endswith("_image"):
+            stack_stats(info)
+        else:
+            check_label_values(info, ignore)
     files = {}
     for role, info in infos.items():
-        dst = out / (role + ("" if info.path.is_dir() else info.path.suffix.lower()))
-        copy_path(info.path, dst)
+        if info.files:  # the slice files it will read, and nothing else from that folder
+            dst = out / role
+            copy_files(info.files, dst)
+        else:
+            dst = out / (role + info.path.suffix.lower())
+            shutil.copyfile(info.path, dst)
         files[role] = dst
     return files
 
@@ -170,7 +193,7 @@ def fetch_raw(params: DataParams, out_dir: str | Path) -> dict:
                "epfl": (_copy_epfl, params.epfl)}
     write, cfg = writers[params.source]
     with atomic_dir(out_dir) as tmp:
-        files = write(cfg, tmp)
+        files = write(cfg, tmp, params.ignore_value) if params.source == "tiff" else write(cfg, tmp)
         origins = _origins(params)
         if "train_image" not in files or "train_labels" not in files:
             raise DataError(f"source {params.source!r} gave no training image and label stacks")
@@ -179,6 +202,8 @@ def fetch_raw(params: DataParams, out_dir: str | Path) -> dict:
             info = inspect_stack(path)
             desc["files"][role] = {"name": path.name, "origin": origins.get(role, "generated"), "sha256": sha256_of(path),
                                    "shape": list(info.shape), "dtype": str(info.dtype)}
+            if info.files:  # the order slices were read in (natural order of the file names)
+                desc["files"][role]["slice_files"] = [f.name for f in info.files]
         desc["config"] = cfg.model_dump() if cfg is not None else None
         write_json(tmp / "source.json", desc)
     return desc

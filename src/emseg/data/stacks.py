@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from emseg import IGNORE
-from emseg.data.io import check_image_dtype, check_pair, inspect_stack, read_slices
+from emseg.data.io import check_image_dtype, check_pair, inspect_stack, normalise, read_slices
 from emseg.data.prepare import label_mapping, stack_stats
 from emseg.errors import DataError
 
@@ -63,7 +63,7 @@ def load_labelled(image_path: str | Path, labels_path: str | Path, indices: Sequ
             out = 1 - out
         if ignore is not None:
             out[lab == ignore] = IGNORE
-        x = ((img.astype(np.float32) - mean) / std).astype(np.float32)
+        x = normalise(img, mean, std)
         x, out = rescale(x, out, scale)
         images.append(x)
         labels.append(out)

@@ -25,17 +25,22 @@ from emseg.errors import ConfigError, EmsegError
 class SegmentationNet(nn.Module):
     """An smp network plus the spec it was built from; ``forward`` returns logits (N, 1, H, W)."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], source: str = "params.yaml: model"):
+        """``source`` names where ``spec`` came from in errors: params.yaml, or a weights file."""
         super().__init__()
         self.spec = dict(spec)
-        arch = getattr(smp, spec["arch"])
-        kwargs = dict(encoder_name=spec["encoder"], encoder_weights=None, in_channels=1, classes=1)
-        if spec["arch"] in ("Unet", "UnetPlusPlus", "MAnet"):
-            kwargs["decoder_channels"] = list(spec["decoder_channels"])
+        try:
+            arch = getattr(smp, spec["arch"])
+            kwargs = dict(encoder_name=spec["encoder"], encoder_weights=None, in_channels=1, classes=1)
+            if spec["arch"] in ("Unet", "UnetPlusPlus", "MAnet"):
+                kwargs["decoder_channels"] = list(spec["decoder_channels"])
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise ConfigError(f"{source}: not a network spec emseg can build (missing or unknown {exc})") from None
         try:
             self.net = arch(**kwargs)
         except (KeyError, ValueError) as exc:
-            raise ConfigError(f"params.yaml: model.encoder: {spec['encoder']!r} is not an encoder smp knows ({exc})") from None
+            raise ConfigError(f"{source}.encoder: {spec['encoder']!r} is not an encoder smp knows "
+                              "(segmentation_models_pytorch.encoders.get_encoder_names() lists them)") from None
         self.dropout = nn.Dropout2d(spec.get("dropout", 0.0))
         if spec.get("bn_momentum") is not None:
             for m in self.modules():
@@ -141,8 +146,19 @@ def load_weights(path: str | Path) -> tuple[SegmentationNet, dict]:
     blob = _safe_load(path)
     if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
         raise EmsegError(f"{path}: not an emseg weights file (expected keys 'spec' and 'state_dict')")
-    net = SegmentationNet(blob["spec"])
-    net.load_state_dict(blob["state_dict"])
+    if not isinstance(blob["spec"], dict) or not isinstance(blob["state_dict"], dict):
+        raise EmsegError(f"{path}: not an emseg weights file ('spec' and 'state_dict' must be mappings)")
+    net = SegmentationNet(blob["spec"], source=f"{path}: spec")
+    own = net.state_dict()
+    sd = blob["state_dict"]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and getattr(sd[k], "shape", None) != own[k].shape]
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise EmsegError(f"{path}: its weights do not fit the network its spec describes ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(wrong)} of another shape, e.g. {first!r})")
+    net.load_state_dict(sd)
     return net, blob
 
 
@@ -153,7 +169,8 @@ def _safe_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise EmsegError(f"{path}: cannot load weights safely ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        detail = (str(exc).splitlines() or ["empty or truncated file"])[0]
+        raise EmsegError(f"{path}: cannot load weights safely ({type(exc).__name__}: {detail})") from None
 
 
 def _state_dict_from(blob: Any, path: str | Path) -> dict[str, torch.Tensor]:
