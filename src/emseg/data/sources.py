@@ -27,7 +27,7 @@ from emseg.config import DataParams, EpflSource
 from emseg.data.generate import generate_slice
 from emseg.data.io import check_image_dtype, check_pair, inspect_stack, sha256_of
 from emseg.errors import ConfigError, DataError, DownloadError
-from emseg.fsutil import atomic_dir, copy_files, write_json
+from emseg.fsutil import atomic_dir, copy_files, follow_umask, write_json
 
 ROLES = ("train_image", "train_labels", "test_image", "test_labels")
 EPFL_FILES = {
@@ -129,12 +129,14 @@ def _fetch_from_mirror(mirror: str, name: str, dst: Path, timeout: float) -> Non
     shutil.copyfile(src, dst)
 
 
-def ensure_epfl_file(name: str, cfg: EpflSource) -> Path:
+def ensure_epfl_file(name: str, cfg: EpflSource | None) -> Path:
     """Return the cached, verified copy of one EPFL file, fetching it from the mirrors if needed.
 
     A hash given in ``cfg.sha256`` must match; without one, the hash of the first download is
     recorded beside the file and every later use is checked against it.
     """
+    if cfg is None or not cfg.mirrors:
+        raise ConfigError("params.yaml: data.epfl.mirrors: at least one mirror is required to read the EPFL stacks")
     cache = Path(cfg.cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     target, record = cache / name, cache / f"{name}.sha256"
@@ -150,6 +152,7 @@ def ensure_epfl_file(name: str, cfg: EpflSource) -> Path:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.part-", dir=cache)
         os.close(fd)
         tmp = Path(tmp_name)
+        follow_umask(tmp, directory=False)  # a shared cache stays readable by the group, as the umask says
         try:
             _fetch_from_mirror(mirror, name, tmp, cfg.timeout_s)
             actual = sha256_of(tmp)
