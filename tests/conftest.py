@@ -94,7 +94,7 @@ def epfl_project(tmp_path: Path, updates: dict) -> Path:
 
 
 SMALL_GENERATED = {"data": {"source": "generated", "train_slices": 3, "val_slices": 1,
-                            "generated": {"slices": 5, "test_slices": 2, "height": 256, "width": 320}}}
+                            "generated": {"slices": 8, "test_slices": 2, "height": 256, "width": 320}}}
 
 
 TINY = {

@@ -15,7 +15,7 @@ def project(tmp_path):
     return make_project(tmp_path / "proj", git=False)
 
 
-def _stacks(n=6, h=192, w=192):
+def _stacks(n=10, h=192, w=192):
     img = np.stack([generate_slice(5, z, h, w)[0] for z in range(n)])
     lab = np.stack([generate_slice(5, z, h, w)[1] for z in range(n)])
     return img, lab
@@ -74,7 +74,7 @@ def test_image_label_shape_mismatch(project, tmp_path):
     tifffile.imwrite(tmp_path / "img.tif", img)
     tifffile.imwrite(tmp_path / "lab.tif", lab[:, :, :40])
     _tiff_source(project, tmp_path / "img.tif", tmp_path / "lab.tif")
-    _fails_cleanly(project, "lab.tif: label stack shape (6, 192, 40) differs from image stack")
+    _fails_cleanly(project, "lab.tif: label stack shape (10, 192, 40) differs from image stack")
 
 
 def test_label_values_outside_the_convention(project, tmp_path):
@@ -115,7 +115,7 @@ def test_slice_list_outside_the_stack(project, tmp_path):
     tifffile.imwrite(tmp_path / "img.tif", img)
     tifffile.imwrite(tmp_path / "lab.tif", lab)
     _tiff_source(project, tmp_path / "img.tif", tmp_path / "lab.tif", train_slices=[0, 17])
-    _fails_cleanly(project, "data.train_slices: slices [17] are outside the stack (0..5)")
+    _fails_cleanly(project, "data.train_slices: slices [17] are outside the stack (0..9)")
 
 
 def test_unknown_key_in_params(project):

@@ -243,10 +243,10 @@ def _tiff_project(tmp_path: Path, image: Path, labels: Path, **data) -> Path:
 
 
 def test_huge_values_are_refused_by_fetch_before_anything_is_versioned(tmp_path):
-    img = tifffile.imread(EPFL / "training.tif", key=range(6))[:, :128, :128].astype(np.float32)
+    img = tifffile.imread(EPFL / "training.tif", key=range(10))[:, :128, :128].astype(np.float32)
     img[3, 0, 0] = -3e38
     tifffile.imwrite(tmp_path / "img.tif", img)
-    tifffile.imwrite(tmp_path / "lab.tif", tifffile.imread(EPFL / "training_groundtruth.tif", key=range(6))[:, :128, :128])
+    tifffile.imwrite(tmp_path / "lab.tif", tifffile.imread(EPFL / "training_groundtruth.tif", key=range(10))[:, :128, :128])
     proj = _tiff_project(tmp_path, tmp_path / "img.tif", tmp_path / "lab.tif")
     one_line(emseg(proj, "fetch"), "img.tif slice 3: image holds values up to 3e+38")
     assert not (proj / "data" / "raw").exists() and not [p for p in (proj / "data").glob(".*")]
@@ -254,8 +254,8 @@ def test_huge_values_are_refused_by_fetch_before_anything_is_versioned(tmp_path)
 
 @pytest.mark.parametrize("compression", ["lzw", "jpeg", "deflate", "zstd"])
 def test_compressed_tiffs_from_fiji_and_microscopes_are_read(tmp_path, compression):
-    img = tifffile.imread(EPFL / "training.tif", key=range(6))[:, :192, :192]
-    lab = tifffile.imread(EPFL / "training_groundtruth.tif", key=range(6))[:, :192, :192]
+    img = tifffile.imread(EPFL / "training.tif", key=range(10))[:, :192, :192]
+    lab = tifffile.imread(EPFL / "training_groundtruth.tif", key=range(10))[:, :192, :192]
     tifffile.imwrite(tmp_path / "img.tif", img, compression=compression, photometric="minisblack")
     tifffile.imwrite(tmp_path / "lab.tif", lab, compression="lzw" if compression == "jpeg" else compression,
                      photometric="minisblack")
@@ -273,8 +273,8 @@ def test_compressed_tiffs_from_fiji_and_microscopes_are_read(tmp_path, compressi
 
 
 def test_fetch_copies_only_the_slice_files_it_reads(tmp_path):
-    img = tifffile.imread(EPFL / "training.tif", key=range(5))[:, :128, :128]
-    lab = tifffile.imread(EPFL / "training_groundtruth.tif", key=range(5))[:, :128, :128]
+    img = tifffile.imread(EPFL / "training.tif", key=range(8))[:, :128, :128]
+    lab = tifffile.imread(EPFL / "training_groundtruth.tif", key=range(8))[:, :128, :128]
     for name, stack in (("img", img), ("lab", lab)):
         d = tmp_path / name
         d.mkdir()
@@ -288,12 +288,12 @@ def test_fetch_copies_only_the_slice_files_it_reads(tmp_path):
     proj = _tiff_project(tmp_path, tmp_path / "img", tmp_path / "lab", test_slices=1, train_slices=2, val_slices=1)
     emseg(proj, "fetch", check=True)
     raw = proj / "data" / "raw"
-    assert sorted(os.listdir(raw / "train_image")) == [f"z{z}.tif" for z in range(1, 6)]
+    assert sorted(os.listdir(raw / "train_image")) == [f"z{z}.tif" for z in range(1, 9)]
     source = json.loads((raw / "source.json").read_text())
-    assert source["files"]["train_image"]["slice_files"] == [f"z{z}.tif" for z in range(1, 6)]
+    assert source["files"]["train_image"]["slice_files"] == [f"z{z}.tif" for z in range(1, 9)]
     emseg(proj, "prepare", check=True)
     manifest = json.loads((proj / "data" / "prepared" / "manifest.json").read_text())
-    assert manifest["files"]["train_labels"]["slice_files"] == [f"z{z}.tif" for z in range(1, 6)]
+    assert manifest["files"]["train_labels"]["slice_files"] == [f"z{z}.tif" for z in range(1, 9)]
 
 
 # 4. An ignore value that collides with a label value -----------------------------------------------------------

@@ -32,8 +32,8 @@ SETTINGS = dict(deadline=None, derandomize=CI, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Real EM content (a crop with mitochondria) and its labels, loaded once.
-_IMG = tifffile.imread(EPFL / "training.tif", key=range(0, 40, 10))[:, 380:444, 460:524]
-_LAB = tifffile.imread(EPFL / "training_groundtruth.tif", key=range(0, 40, 10))[:, 380:444, 460:524]
+_IMG = tifffile.imread(EPFL / "training.tif", key=range(0, 60, 10))[:, 380:444, 460:524]
+_LAB = tifffile.imread(EPFL / "training_groundtruth.tif", key=range(0, 60, 10))[:, 380:444, 460:524]
 
 
 DTYPES = ("uint8", "uint16", "float32", "float_nan", "float_huge", "mixed")
@@ -43,7 +43,7 @@ OUTPUTS = ("new", "nested_new", "inside_input_folder", "input_itself", "parent",
 
 @st.composite
 def cases(draw, command: str):
-    n = draw(st.integers(3 if command == "prepare" else 1, 4))
+    n = draw(st.integers(5, 6) if command == "prepare" else st.integers(1, 4))
     layout = draw(st.sampled_from(("file", "folder_tif", "folder_png")))
     dtype = draw(st.sampled_from(DTYPES))
     prefix = draw(st.sampled_from(("s", "slice_", "é ", "z-", "")))

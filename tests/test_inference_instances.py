@@ -22,7 +22,7 @@ from emseg.model.train import fit
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("inf")
     raw = {**SMALL_GENERATED, "data": {**SMALL_GENERATED["data"],
-                                       "generated": {"slices": 5, "test_slices": 2, "height": 384, "width": 448}},
+                                       "generated": {"slices": 8, "test_slices": 2, "height": 384, "width": 448}},
            "model": {"decoder_channels": [64, 32, 16, 16, 8]},
            "train": {"patch_size": 128, "patches_per_epoch": 64, "batch_size": 8, "max_epochs": 4, "lr": 0.003}}
     params = parse_params(raw)
@@ -60,6 +60,19 @@ def test_tta_and_small_images(trained):
     small = image[:70, :90]  # smaller than a tile and not a multiple of 32
     p = predict_tiled(net, small, tile=128, overlap=32, tta=True)
     assert p.shape == (70, 90) and np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1
+
+
+def test_tta_is_the_mean_of_the_four_flipped_predictions(trained):
+    """Each view is predicted on the flipped image and flipped back: the mean of the four plain predictions."""
+    net, image, _ = trained
+    img = image[:128, :160]  # one tile: no blending, so the comparison is exact up to float error
+    tta = predict_tiled(net, img, tile=256, overlap=0, tta=True)
+    views = [predict_tiled(net, np.ascontiguousarray(f(img)), tile=256, overlap=0) for f in
+             (lambda a: a, np.fliplr, np.flipud, lambda a: np.flipud(np.fliplr(a)))]
+    unflipped = [views[0], np.fliplr(views[1]), np.flipud(views[2]), np.fliplr(np.flipud(views[3]))]
+    np.testing.assert_allclose(tta, np.mean(unflipped, axis=0), atol=1e-5)
+    # Not a no-op: the flipped views of a trained network differ, so TTA differs from the plain prediction.
+    assert np.abs(tta - views[0]).max() > 1e-3
 
 
 def test_channels_last_layout_gives_the_same_probabilities_and_hands_the_network_back(trained):

@@ -119,8 +119,8 @@ def _bad_stacks(tmp_path, case):
 
     from emseg.data.generate import generate_slice
 
-    img = np.stack([generate_slice(7, z, 192, 192)[0] for z in range(6)])
-    lab = np.stack([generate_slice(7, z, 192, 192)[1] for z in range(6)])
+    img = np.stack([generate_slice(7, z, 192, 192)[0] for z in range(10)])
+    lab = np.stack([generate_slice(7, z, 192, 192)[1] for z in range(10)])
     extra = {}
     if case == "corrupt_tiff":
         tifffile.imwrite(tmp_path / "lab.tif", lab)

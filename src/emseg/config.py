@@ -38,7 +38,7 @@ class _Strict(BaseModel):
 class GeneratedSource(_Strict):
     """The built-in EM-like generator: the default that runs with no download."""
 
-    slices: PositiveInt = 16
+    slices: PositiveInt = 32  # room for 12 training and 3 validation slices min_gap apart
     test_slices: PositiveInt = 4
     height: Annotated[int, Field(ge=64)] = 768
     width: Annotated[int, Field(ge=64)] = 1024
@@ -67,6 +67,9 @@ class DataParams(_Strict):
     source: Literal["generated", "tiff", "epfl"] = "generated"
     train_slices: SliceSpec = 12
     val_slices: SliceSpec = 3
+    # Smallest z-distance between slices of different splits (train, val, test) of one stack: 1 allows
+    # neighbours, 2 (the default) leaves at least one slice between them.
+    min_gap: PositiveInt = 2
     # Only for sources without a separate test stack: slices held out of the training stack.
     test_slices: Optional[SliceSpec] = None
     # Label value that means "not annotated" (partially labelled slices); None: every pixel labelled.

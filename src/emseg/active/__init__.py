@@ -1,0 +1,1 @@
+"""Active learning: query strategies, pool scoring, the simulation loop and `emseg suggest`."""

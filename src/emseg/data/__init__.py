@@ -1,0 +1,1 @@
+"""Data: reading stacks, sources, preparation, patches, augmentation, the generator and painted annotations."""

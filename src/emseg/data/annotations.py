@@ -68,7 +68,8 @@ def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
             images.append(((img.astype(np.float32) - norm["mean"]) / norm["std"]).astype(np.float32))
             labels.append(out)
             records.append({"file": str(lab_path.relative_to(folder)), "slice": r["slice"], "y": r["y"], "x": r["x"],
-                            "labelled_pixels": int((out != IGNORE).sum()), "source": meta.get("input")})
+                            "labelled_pixels": int((out != IGNORE).sum()), "source": meta.get("input"),
+                            "source_sha256": meta.get("input_sha256")})
     return images, labels, records
 
 

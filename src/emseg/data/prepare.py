@@ -31,7 +31,7 @@ SliceSpec = Union[int, Sequence[int], None]
 
 
 def select_slices(spec: SliceSpec, available: Sequence[int], key: str, n_total: int) -> list[int]:
-    """An int k picks k slices spread evenly over ``available``; a list is taken as given."""
+    """An int k picks k slices spread evenly over ``available``; a list is taken as given (and checked)."""
     available = list(available)
     if isinstance(spec, int):
         if spec > len(available):
@@ -50,6 +50,95 @@ def select_slices(spec: SliceSpec, available: Sequence[int], key: str, n_total: 
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"params.yaml: {key}: slice list has duplicates")
     return chosen
+
+
+def _distance(z: int, others: Sequence[int]) -> int:
+    return min((abs(z - o) for o in others), default=1 << 30)
+
+
+def _away_from(candidates: Sequence[int], others: Sequence[int], gap: int) -> list[int]:
+    return [z for z in candidates if _distance(z, others) >= gap]
+
+
+def _farthest(candidates: Sequence[int], others: Sequence[int], k: int) -> list[int]:
+    """k candidates chosen one by one, each as far as possible from ``others`` and from those chosen."""
+    chosen: list[int] = []
+    pool = list(candidates)
+    for _ in range(k):
+        z = max(pool, key=lambda c: (_distance(c, list(others) + chosen), -abs(c - pool[len(pool) // 2])))
+        chosen.append(z)
+        pool.remove(z)
+    return sorted(chosen)
+
+
+def _gap_error(key: str, want: int, room: int, gap: int, n: int) -> ConfigError:
+    return ConfigError(f"params.yaml: {key}: {want} slice(s) asked, but only {room} fit at least data.min_gap={gap} "
+                       f"slices from every slice of another split in a stack of {n}; label fewer slices, lower "
+                       f"data.min_gap, or use a longer stack")
+
+
+def choose_splits(n: int, train: SliceSpec, val: SliceSpec, test: SliceSpec, gap: int) -> dict[str, list[int]]:
+    """Training, validation and (when ``test`` is not None) test slices of one stack of ``n`` slices.
+
+    Any two slices of different splits lie at least ``gap`` slices apart (1: neighbours allowed): in
+    a near-isotropic stack a neighbouring slice is a near duplicate, and selection on it says little
+    about new data. Validation slices are placed as far from the training slices as the stack allows:
+    when both are counts, train and validation slices share one even spacing over the stack (validation
+    interleaved among the training slices), so each validation slice sits a full spacing from its
+    neighbours. An int test count is a block at the end of the stack.
+    """
+    test_idx: list[int] = []
+    if test is not None:
+        if isinstance(test, int):
+            if test >= n:
+                raise ConfigError(f"params.yaml: data.test_slices: {test} slices leave none to train on (stack has {n})")
+            test_idx = list(range(n - test, n))
+        else:
+            test_idx = select_slices(test, range(n), "data.test_slices", n)
+    everything = [z for z in range(n) if z not in test_idx]
+    free = _away_from(everything, test_idx, gap)
+    if isinstance(train, int) and isinstance(val, int):
+        if train + val > len(free):
+            raise _gap_error("data.train_slices + data.val_slices", train + val, len(free), gap, n)
+        slots = select_slices(train + val, free, "data.train_slices + data.val_slices", n)
+        val_pos = sorted({min(len(slots) - 1, int(round((j + 0.5) * len(slots) / val))) for j in range(val)})
+        val_idx = [slots[i] for i in val_pos]
+        if len(val_idx) < val or min(np.diff(slots), default=gap) < gap:
+            room = 1 + (free[-1] - free[0]) // gap if free else 0
+            raise _gap_error("data.train_slices + data.val_slices", train + val, room, gap, n)
+        train_idx = [z for z in slots if z not in val_idx]
+    elif isinstance(val, int):
+        train_idx = select_slices(train, everything, "data.train_slices", n)
+        candidates = _away_from([z for z in free if z not in train_idx], train_idx, gap)
+        if len(candidates) < val:
+            raise _gap_error("data.val_slices", val, len(candidates), gap, n)
+        val_idx = _farthest(candidates, train_idx + test_idx, val)
+    else:
+        val_idx = select_slices(val, everything, "data.val_slices", n)
+        if isinstance(train, int):
+            candidates = _away_from([z for z in free if z not in val_idx], val_idx, gap)
+            if len(candidates) < train:
+                raise _gap_error("data.train_slices", train, len(candidates), gap, n)
+            train_idx = select_slices(train, candidates, "data.train_slices", n)
+        else:
+            train_idx = select_slices(train, [z for z in everything if z not in val_idx], "data.train_slices", n)
+    splits = {"train": sorted(train_idx), "val": sorted(val_idx), "test": test_idx}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        close = [(x, y) for x in splits[a] for y in splits[b] if abs(x - y) < gap]
+        if close:
+            x, y = close[0]
+            raise ConfigError(f"params.yaml: data.{a}_slices / data.{b}_slices: {a} slice {x} and {b} slice {y} are "
+                              f"{abs(x - y)} apart; data.min_gap asks for at least {gap}")
+    return splits
+
+
+def split_distances(splits: dict[str, list[int]]) -> dict[str, int | None]:
+    """For each split, the smallest z-distance from one of its slices to a slice of another split."""
+    out = {}
+    for name, idx in splits.items():
+        others = [z for other, zs in splits.items() if other != name for z in zs]
+        out[name] = min((_distance(z, others) for z in idx), default=None) if others and idx else None
+    return out
 
 
 def stack_stats(info: StackInfo) -> tuple[float, float]:
@@ -144,7 +233,7 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
     check_image_dtype(train_img)
     check_pair(train_img, train_lab)
     n = train_img.shape[0]
-    free = list(range(n))
+    gap = params.min_gap
 
     if "test_image" in infos:
         if params.test_slices is not None:
@@ -152,21 +241,19 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
         test_img, test_lab = infos["test_image"], infos["test_labels"]
         check_image_dtype(test_img)
         check_pair(test_img, test_lab)
+        splits = choose_splits(n, params.train_slices, params.val_slices, None, gap)
         test_idx = list(range(test_img.shape[0]))
+        same_stack = {"train": splits["train"], "val": splits["val"]}
     else:
         if params.test_slices is None:
             raise ConfigError("params.yaml: data.test_slices: required (an int or a list) when the source has no test stack")
         test_img, test_lab = train_img, train_lab
-        spec = params.test_slices
-        # A contiguous block at the end: slices next to training slices would leak through 3D continuity.
-        test_idx = list(range(n - spec, n)) if isinstance(spec, int) else select_slices(spec, free, "data.test_slices", n)
-        if isinstance(spec, int) and spec >= n:
-            raise ConfigError(f"params.yaml: data.test_slices: {spec} slices leave none to train on (stack has {n})")
-        free = [z for z in free if z not in test_idx]
-
-    train_idx = select_slices(params.train_slices, free, "data.train_slices", n)
-    free = [z for z in free if z not in train_idx]
-    val_idx = select_slices(params.val_slices, free, "data.val_slices", n)
+        # A contiguous block at the end, min_gap away: slices next to training slices leak through 3D continuity.
+        splits = choose_splits(n, params.train_slices, params.val_slices, params.test_slices, gap)
+        test_idx = splits["test"]
+        same_stack = splits
+    train_idx, val_idx = splits["train"], splits["val"]
+    distances = split_distances(same_stack)
 
     ignore = params.ignore_value
     fg_train = _fg_value(train_lab, train_idx + val_idx, ignore)
@@ -174,7 +261,8 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
     train_stats = stack_stats(train_img)
     test_stats = stack_stats(test_img) if test_img is not train_img else train_stats
 
-    manifest = {"source": desc["source"], "files": desc["files"], "ignore_value": ignore,
+    manifest = {"source": desc["source"], "files": desc["files"], "ignore_value": ignore, "min_gap": gap,
+                "nearest_other_split": distances,
                 "internal_labels": {"background": 0, "foreground": 1, "ignore": IGNORE},
                 "normalisation": {"train": dict(zip(("mean", "std"), train_stats)),
                                   "test": dict(zip(("mean", "std"), test_stats))},
@@ -185,20 +273,54 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
                   ("test", test_img, test_lab, test_idx, test_stats, fg_test))
         for name, img, lab, idx, stats, fgv in splits:
             manifest["splits"][name] = _write_split(name, img, lab, idx, stats, tmp, ignore, fgv)
-        manifest["annotations"] = _write_annotations(params.annotations, tmp)
+        held_out = {"validation": val_idx, "test": test_idx if test_img is train_img else []}
+        manifest["annotations"] = _write_annotations(params.annotations, tmp, desc, held_out, gap)
         if manifest["splits"]["train"]["foreground_fraction"] == 0:
             raise DataError(f"{train_lab.path}: the training slices {train_idx} hold no foreground; nothing to learn")
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
 
-def _write_annotations(folder: Optional[str], out: Path) -> dict:
+def _stack_of(record: dict, desc: dict) -> str | None:
+    """Which raw stack (train_image, test_image) a painted crop was cut from, if it was one of them."""
+    for role in ("train_image", "test_image"):
+        f = desc["files"].get(role)
+        if f is None:
+            continue
+        if record.get("source_sha256") and record["source_sha256"] == f.get("sha256"):
+            return role
+        origin = f.get("origin")
+        if record.get("source") and origin and Path(origin).exists() and \
+                Path(record["source"]).resolve() == Path(origin).resolve():
+            return role
+    return None
+
+
+def _refuse_held_out(records: list[dict], desc: dict, held_out: dict[str, list[int]], gap: int, folder: str) -> None:
+    """Painted crops from the test stack, or from validation or test slices (or within min_gap of them)
+    of the training stack, would leak what selection and reporting are measured on: refused."""
+    for r in records:
+        stack = _stack_of(r, desc)
+        where = f"{Path(folder) / r['file']}: painted crop of slice {r['slice']}"
+        if stack == "test_image":
+            raise DataError(f"{where} of the test stack; test data is never trained on: move it out of {folder}")
+        if stack != "train_image":
+            continue
+        for split, zs in held_out.items():
+            near = [z for z in zs if abs(z - int(r["slice"])) < gap]
+            if near:
+                raise DataError(f"{where} lies {abs(near[0] - int(r['slice']))} slice(s) from {split} slice {near[0]} "
+                                f"(data.min_gap {gap}); label slices away from the {split} slices, or move it out of {folder}")
+
+
+def _write_annotations(folder: Optional[str], out: Path, desc: dict, held_out: dict[str, list[int]], gap: int) -> dict:
     """Painted `emseg suggest` templates under ``folder`` -> annotations_{images,labels}.npy."""
     from emseg.data.annotations import collect, stack_padded
 
     if not folder:
         return {"folder": None, "patches": 0}
     images, labels, records = collect(folder)
+    _refuse_held_out(records, desc, held_out, gap, folder)
     if images:
         x, y = stack_padded(images, labels)
         np.save(out / "annotations_images.npy", x)

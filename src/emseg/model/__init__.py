@@ -1,0 +1,1 @@
+"""The network, its losses and BatchNorm handling, the Lightning module and one training run."""

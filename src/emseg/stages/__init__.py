@@ -1,0 +1,1 @@
+"""One module per DVC stage (and per further pipeline): read params, call the core, write the outputs."""
