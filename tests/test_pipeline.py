@@ -79,7 +79,8 @@ def test_evaluate_and_register_give_a_champion_that_a_worse_run_does_not_take(re
     best = max(rows, key=lambda r: float(r["instance_f1"]))
     assert metrics["watershed_h"] == float(best["h"])
     first = json.loads((proj / "reports/register/registration.json").read_text())
-    assert first["version"] == 1 and first["promoted"] and first["champion_test_iou_before"] is None
+    assert first["version"] == 1 and first["promoted"] and first["champion_val_iou_before"] is None
+    assert 0 < first["val_iou"] <= 1 and first["val_slices"] == 1 and first["val_data_hash"] != "unknown"
     client = mlflow_client(proj)
     champ = client.get_model_version_by_alias("emseg-unet", "champion")
     assert str(champ.version) == "1" and float(champ.tags["test_iou"]) == pytest.approx(metrics["iou"], abs=1e-6)
@@ -94,6 +95,10 @@ def test_evaluate_and_register_give_a_champion_that_a_worse_run_does_not_take(re
     out = run_cli(["dvc", "repro"], proj, check=True).stdout
     second = json.loads((proj / "reports/register/registration.json").read_text())
     assert second["version"] == 2 and second["test_iou"] < first["test_iou"]
+    # Judged like for like: the champion re-scored on this run's validation slices, as the challenger.
+    assert second["champion_version_before"] == 1
+    assert second["champion_val_iou_before"] == pytest.approx(first["val_iou"], abs=1e-6)  # same data, same model
+    assert second["val_iou"] < second["champion_val_iou_before"]
     assert not second["promoted"] and "kept previous champion" in out
     assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("emseg-unet", "challenger").version) == "2"
@@ -105,6 +110,46 @@ def test_evaluate_and_register_give_a_champion_that_a_worse_run_does_not_take(re
     run_cli(["emseg", "promote", "emseg-unet", "1", "--alias", "champion"], proj, check=True)
     bad = run_cli(["emseg", "promote", "emseg-unet", "9", "--alias", "champion"], proj)
     assert bad.returncode == 1 and "has no version 9" in bad.stderr
+
+
+@pytest.mark.slow
+def test_promotion_is_like_for_like_across_datasets(tmp_path, shared):
+    """A generated-data champion, then a run on real EPFL crops: both are scored on the EPFL run's
+    validation slices, so the EPFL model takes `champion` (under the old test-IoU rule no EPFL model
+    could displace a generated one); then a deliberately worse EPFL run does not."""
+    import numpy as np
+    import tifffile
+
+    proj = make_project(tmp_path / "proj")
+    write_params(proj, {**TINY, "train": {**TINY["train"], "use_tuned": False}})
+    run_cli(["dvc", "repro"], proj, check=True)
+    generated = json.loads((proj / "reports/register/registration.json").read_text())
+    assert generated["promoted"]
+    epfl = shared / "epfl-hippocampus"
+    img = tifffile.imread(epfl / "training.tif", key=range(0, 60, 2))[:, 200:456, 300:556]
+    lab = tifffile.imread(epfl / "training_groundtruth.tif", key=range(0, 60, 2))[:, 200:456, 300:556]
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "lab.tif", lab)
+    write_params(proj, {"data": {"source": "tiff", "train_slices": 4, "val_slices": 2, "test_slices": 4,
+                                 "tiff": {"image": str(tmp_path / "img.tif"), "labels": str(tmp_path / "lab.tif")}},
+                        "train": {"max_epochs": 6, "patches_per_epoch": 48, "patch_size": 128, "lr": 0.003}})
+    run_cli(["dvc", "repro"], proj, check=True)
+    real = json.loads((proj / "reports/register/registration.json").read_text())
+    assert real["champion_version_before"] == generated["version"]
+    assert real["val_iou"] > real["champion_val_iou_before"] and real["promoted"]
+    assert real["val_data_hash"] != generated["val_data_hash"]  # scored on the EPFL run's data
+    client = mlflow_client(proj)
+    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == str(real["version"])
+    tags = client.get_model_version("emseg-unet", str(real["version"])).tags
+    assert float(tags["champion_val_iou_before"]) == pytest.approx(real["champion_val_iou_before"], abs=1e-6)
+    assert tags["decision"] == "promoted" and "test_iou" in tags and tags["val_data_hash"] == real["val_data_hash"]
+
+    write_params(proj, {"train": {"max_epochs": 1, "patches_per_epoch": 8, "lr": 1e-6}})
+    run_cli(["dvc", "repro"], proj, check=True)
+    worse = json.loads((proj / "reports/register/registration.json").read_text())
+    assert worse["champion_version_before"] == real["version"] and not worse["promoted"]
+    assert worse["champion_val_iou_before"] == pytest.approx(real["val_iou"], abs=1e-6)
+    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == str(real["version"])
 
 
 @pytest.mark.slow
@@ -156,6 +201,21 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     served = json.loads((tmp_path / "served.json").read_text())
     served = np.asarray(served.get("predictions", served))
     assert served.shape == (1, 1, 128, 160) and 0 <= served.min() and served.max() <= 1
+    # Served predictions are emseg's own: the champion's weights through predict_tiled, to 1e-4, and so
+    # is the in-process pyfunc model; their IoU against the ground truth agrees to 0.01.
+    from emseg.config import TrackingParams
+    from emseg.inference import predict_tiled
+    from emseg.model.network import load_weights
+    from emseg.tracking import configure, download_weights
+
+    configure(TrackingParams(), root=proj)
+    own = predict_tiled(load_weights(download_weights("models:/emseg-unet@champion"))[0], crop)
+    np.testing.assert_allclose(served[0, 0], own, atol=1e-4)
+    pyfunc = np.asarray(mlflow.pyfunc.load_model("models:/emseg-unet@champion").predict(crop[None, None]))
+    np.testing.assert_allclose(pyfunc[0, 0], own, atol=1e-4)
+    truth = tifffile.imread(shared / "epfl-hippocampus" / "testing_groundtruth.tif", key=0)[:128, :160] > 0
+    iou = lambda p: ((p > 0.5) & truth).sum() / max(((p > 0.5) | truth).sum(), 1)  # noqa: E731
+    assert abs(iou(served[0, 0]) - iou(own)) <= 0.01 and abs(iou(pyfunc[0, 0]) - iou(own)) <= 0.01
 
 
 @pytest.mark.slow

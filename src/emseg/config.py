@@ -193,6 +193,12 @@ class EvaluateParams(_Strict):
     overlays: Annotated[int, Field(ge=0)] = 3
 
 
+class RegisterParams(_Strict):
+    """Promotion: the challenger must beat the champion on this run's validation slices by more than this."""
+
+    min_gain: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
 class TrackingParams(_Strict):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns/artifacts"
@@ -285,6 +291,7 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    register: RegisterParams = RegisterParams()
     tracking: TrackingParams = TrackingParams()
     active: ActiveParams = ActiveParams()
     pretrain: PretrainParams = PretrainParams()

@@ -48,6 +48,15 @@ def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool):
             yield predict_tiled(net, images[i], **inf)
 
 
+def pixel_iou(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5, desc: str = "score",
+              progress: bool = True) -> float:
+    """Foreground IoU of a network over these slices (tiled prediction, ``cfg.inference``)."""
+    counts: dict = {}
+    for i, prob in enumerate(_probabilities(net, images, cfg, desc, progress)):
+        counts = add_counts(counts, confusion(prob > threshold, np.asarray(labels[i])))
+    return float(scores(counts)["iou"])
+
+
 def choose_watershed_h(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5,
                        progress: bool = True) -> tuple[float, list[dict]]:
     """The h of ``cfg.instances.h_choices`` with the best instance F1 on these (validation) slices.

@@ -1,4 +1,7 @@
-"""Model registry: register a run's model, keep `challenger` current, move `champion` only on a better test IoU.
+"""Model registry: register a run's model, keep `challenger` current, move `champion` only when it is beaten.
+
+The comparison is like for like: the stage scores the challenger and the current champion on the
+same data (this run's validation slices) and hands both scores here; the test split never decides.
 
 Aliases (not the deprecated stages) name versions; versions are never deleted. An alias points at
 exactly one version, so concurrent promotions can never leave two champions.
@@ -17,35 +20,38 @@ def _client():
     return MlflowClient()
 
 
-def champion_score(name: str) -> tuple[str | None, float | None]:
-    """(version, test IoU) of the current champion, or (None, None)."""
+def champion_version(name: str):
+    """The model version the `champion` alias points at, or None."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
     try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
+        return _client().get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None, None
-    iou = mv.tags.get("test_iou")
-    return mv.version, float(iou) if iou is not None else None
+        return None
 
 
-def register_if_better(model_uri: str, name: str, test_iou: float, run_id: str, tags: dict | None = None) -> dict:
+def register_and_decide(model_uri: str, name: str, run_id: str, score: float, champion, champion_score: float | None,
+                        min_gain: float, tags: dict | None = None) -> dict:
+    """Register the run's model as `challenger`; move `champion` to it only if ``score`` beats
+    ``champion_score`` (the champion re-scored by the caller on the same data) by more than ``min_gain``.
+    A tie keeps the old champion; versions are never deleted."""
     import mlflow
 
     client = _client()
-    before_version, before_iou = champion_score(name)
-    mv = mlflow.register_model(model_uri, name, tags={"test_iou": f"{test_iou:.6f}", "source_run": run_id, **(tags or {})})
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    promote = before_iou is None or test_iou > before_iou  # a tie keeps the old champion
+    promote = champion is None or champion_score is None or score > champion_score + min_gain
     decision = "promoted" if promote else "kept previous champion"
-    client.set_model_version_tag(name, mv.version, "decision", decision)
-    client.set_model_version_tag(name, mv.version, "champion_test_iou_before",
-                                 "none" if before_iou is None else f"{before_iou:.6f}")
+    mv = mlflow.register_model(model_uri, name, tags={"source_run": run_id, "val_iou": f"{score:.6f}",
+                                                      "decision": decision, **(tags or {})})
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    client.set_model_version_tag(name, mv.version, "champion_before",
+                                 "none" if champion is None else str(champion.version))
+    client.set_model_version_tag(name, mv.version, "champion_val_iou_before",
+                                 "none" if champion_score is None else f"{champion_score:.6f}")
     if promote:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
-    return {"name": name, "version": int(mv.version), "test_iou": test_iou, "promoted": promote,
-            "champion_version_before": before_version, "champion_test_iou_before": before_iou, "decision": decision}
+    return {"name": name, "version": int(mv.version), "val_iou": score, "promoted": promote, "min_gain": min_gain,
+            "champion_version_before": None if champion is None else int(champion.version),
+            "champion_val_iou_before": champion_score, "decision": decision}
 
 
 def promote(name: str, version: str, alias: str) -> None:
