@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q --timeout=1500
+	$(BIN)/python -m pytest -q --timeout=1500 --durations=12
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=600

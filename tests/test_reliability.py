@@ -154,7 +154,7 @@ def _bad_stacks(tmp_path, case):
 BAD_DATA = {
     "corrupt_tiff": "img.tif: not a readable TIFF file",
     "truncated_tiff": "corrupt or truncated TIFF",
-    "shape_mismatch": "label stack shape (6, 160, 192) differs from image stack",
+    "shape_mismatch": "label stack shape (10, 160, 192) differs from image stack",
     "label_values": "lab.tif: label values [7] unexpected",
     "all_background": "lab.tif: the training slices [0, 3] hold no foreground",
     "nan_image": "img.tif slice 1: image holds NaN or infinite values",
