@@ -7,6 +7,7 @@ names the key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -284,18 +285,23 @@ class LearningCurveParams(_Strict):
     encoder_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
-class Params(_Strict):
-    seed: int = 42
-    data: DataParams = DataParams()
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
-    tune: TuneParams = TuneParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    register: RegisterParams = RegisterParams()
-    tracking: TrackingParams = TrackingParams()
-    active: ActiveParams = ActiveParams()
-    pretrain: PretrainParams = PretrainParams()
-    learning_curve: LearningCurveParams = LearningCurveParams()
+# pydantic warns that a field named `register` shadows the metaclass's ABC `register`; instances see
+# the field (metaclass methods are not instance attributes), so the section keeps the name users type.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class Params(_Strict):
+        seed: int = 42
+        data: DataParams = DataParams()
+        model: ModelParams = ModelParams()
+        train: TrainParams = TrainParams()
+        tune: TuneParams = TuneParams()
+        evaluate: EvaluateParams = EvaluateParams()
+        register: RegisterParams = RegisterParams()
+        tracking: TrackingParams = TrackingParams()
+        active: ActiveParams = ActiveParams()
+        pretrain: PretrainParams = PretrainParams()
+        learning_curve: LearningCurveParams = LearningCurveParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:
