@@ -13,7 +13,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import TINY, make_project, mlflow_client, run_cli, write_params
+from conftest import SHARED, TINY, make_project, mlflow_client, run_cli, write_params
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_dvc_repro_runs_prepare_tune_train_and_tracks_everything(repro_project):
 
 
 @pytest.mark.slow
-def test_evaluate_and_register_give_a_champion_that_a_worse_run_does_not_take(repro_project):
+def test_evaluate_and_register_promote_like_for_like_and_a_worse_run_does_not_take(repro_project):
     proj, _ = repro_project
     metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())
     for key in ("iou", "dice", "accuracy", "precision", "recall", "instance_f1", "splits", "merges"):
@@ -89,67 +89,50 @@ def test_evaluate_and_register_give_a_champion_that_a_worse_run_does_not_take(re
     assert client.get_run(run_id).data.metrics["test_iou"] == pytest.approx(metrics["iou"])
     assert "evaluation" in {a.path for a in client.list_artifacts(run_id)}
 
-    # A worse setting: one epoch on a single tiny patch per step. It registers, but champion stays.
-    write_params(proj, {"train": {"max_epochs": 1, "patches_per_epoch": 4, "batch_size": 4, "use_tuned": False,
-                                  "lr": 1e-5}})
-    out = run_cli(["dvc", "repro"], proj, check=True).stdout
-    second = json.loads((proj / "reports/register/registration.json").read_text())
-    assert second["version"] == 2 and second["test_iou"] < first["test_iou"]
-    # Judged like for like: the champion re-scored on this run's validation slices, as the challenger.
-    assert second["champion_version_before"] == 1
-    assert second["champion_val_iou_before"] == pytest.approx(first["val_iou"], abs=1e-6)  # same data, same model
-    assert second["val_iou"] < second["champion_val_iou_before"]
-    assert not second["promoted"] and "kept previous champion" in out
-    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == "1"
-    assert str(client.get_model_version_by_alias("emseg-unet", "challenger").version) == "2"
-    assert client.get_model_version("emseg-unet", "2").tags["decision"] == "kept previous champion"
-
-    # Promotion by hand.
-    run_cli(["emseg", "promote", "emseg-unet", "2", "--alias", "champion"], proj, check=True)
-    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == "2"
-    run_cli(["emseg", "promote", "emseg-unet", "1", "--alias", "champion"], proj, check=True)
-    bad = run_cli(["emseg", "promote", "emseg-unet", "9", "--alias", "champion"], proj)
-    assert bad.returncode == 1 and "has no version 9" in bad.stderr
-
-
-@pytest.mark.slow
-def test_promotion_is_like_for_like_across_datasets(tmp_path, shared):
-    """A generated-data champion, then a run on real EPFL crops: both are scored on the EPFL run's
-    validation slices, so the EPFL model takes `champion` (under the old test-IoU rule no EPFL model
-    could displace a generated one); then a deliberately worse EPFL run does not."""
+    # Like for like across datasets: a run on real EPFL crops. Both it and the generated-data champion
+    # are scored on the EPFL run's validation slices, so the EPFL model takes `champion` (under the old
+    # test-IoU rule no EPFL model could displace a generated one).
     import numpy as np
     import tifffile
 
-    proj = make_project(tmp_path / "proj")
-    write_params(proj, {**TINY, "train": {**TINY["train"], "use_tuned": False}})
-    run_cli(["dvc", "repro"], proj, check=True)
-    generated = json.loads((proj / "reports/register/registration.json").read_text())
-    assert generated["promoted"]
-    epfl = shared / "epfl-hippocampus"
-    img = tifffile.imread(epfl / "training.tif", key=range(0, 60, 2))[:, 200:456, 300:556]
-    lab = tifffile.imread(epfl / "training_groundtruth.tif", key=range(0, 60, 2))[:, 200:456, 300:556]
-    tifffile.imwrite(tmp_path / "img.tif", img)
-    tifffile.imwrite(tmp_path / "lab.tif", lab)
+    epfl = SHARED / "epfl-hippocampus"
+    data = proj.parent / "epfl-crops"
+    data.mkdir(exist_ok=True)
+    tifffile.imwrite(data / "img.tif", tifffile.imread(epfl / "training.tif", key=range(0, 60, 2))[:, 200:456, 300:556])
+    tifffile.imwrite(data / "lab.tif",
+                     tifffile.imread(epfl / "training_groundtruth.tif", key=range(0, 60, 2))[:, 200:456, 300:556])
     write_params(proj, {"data": {"source": "tiff", "train_slices": 4, "val_slices": 2, "test_slices": 4,
-                                 "tiff": {"image": str(tmp_path / "img.tif"), "labels": str(tmp_path / "lab.tif")}},
-                        "train": {"max_epochs": 6, "patches_per_epoch": 48, "patch_size": 128, "lr": 0.003}})
+                                 "tiff": {"image": str(data / "img.tif"), "labels": str(data / "lab.tif")}},
+                        "train": {"max_epochs": 6, "patches_per_epoch": 48, "patch_size": 128, "lr": 0.003,
+                                  "use_tuned": False}})
     run_cli(["dvc", "repro"], proj, check=True)
     real = json.loads((proj / "reports/register/registration.json").read_text())
-    assert real["champion_version_before"] == generated["version"]
+    assert real["version"] == 2 and real["champion_version_before"] == 1
     assert real["val_iou"] > real["champion_val_iou_before"] and real["promoted"]
-    assert real["val_data_hash"] != generated["val_data_hash"]  # scored on the EPFL run's data
-    client = mlflow_client(proj)
-    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == str(real["version"])
-    tags = client.get_model_version("emseg-unet", str(real["version"])).tags
+    assert real["val_data_hash"] != first["val_data_hash"] and real["val_slices"] == 2  # the EPFL run's data
+    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == "2"
+    tags = client.get_model_version("emseg-unet", "2").tags
     assert float(tags["champion_val_iou_before"]) == pytest.approx(real["champion_val_iou_before"], abs=1e-6)
     assert tags["decision"] == "promoted" and "test_iou" in tags and tags["val_data_hash"] == real["val_data_hash"]
 
+    # A deliberately worse EPFL run: one epoch, almost no learning. It registers, but champion stays.
     write_params(proj, {"train": {"max_epochs": 1, "patches_per_epoch": 8, "lr": 1e-6}})
-    run_cli(["dvc", "repro"], proj, check=True)
+    out = run_cli(["dvc", "repro"], proj, check=True).stdout
     worse = json.loads((proj / "reports/register/registration.json").read_text())
-    assert worse["champion_version_before"] == real["version"] and not worse["promoted"]
-    assert worse["champion_val_iou_before"] == pytest.approx(real["val_iou"], abs=1e-6)
-    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == str(real["version"])
+    assert worse["version"] == 3 and worse["champion_version_before"] == 2
+    assert worse["champion_val_iou_before"] == pytest.approx(real["val_iou"], abs=1e-6)  # same data, same model
+    assert worse["val_iou"] < worse["champion_val_iou_before"]
+    assert not worse["promoted"] and "kept previous champion" in out
+    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("emseg-unet", "challenger").version) == "3"
+    assert client.get_model_version("emseg-unet", "3").tags["decision"] == "kept previous champion"
+
+    # Promotion by hand.
+    run_cli(["emseg", "promote", "emseg-unet", "3", "--alias", "champion"], proj, check=True)
+    assert str(client.get_model_version_by_alias("emseg-unet", "champion").version) == "3"
+    run_cli(["emseg", "promote", "emseg-unet", "2", "--alias", "champion"], proj, check=True)
+    bad = run_cli(["emseg", "promote", "emseg-unet", "9", "--alias", "champion"], proj)
+    assert bad.returncode == 1 and "has no version 9" in bad.stderr
 
 
 @pytest.mark.slow

