@@ -15,21 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from emseg import IGNORE
+from emseg.data.io import read_2d_file
 from emseg.errors import DataError
-
-
-def _read(path: Path) -> np.ndarray:
-    import tifffile
-
-    try:
-        if path.suffix.lower() == ".png":
-            from PIL import Image
-
-            with Image.open(path) as im:
-                return np.asarray(im)
-        return np.asarray(tifffile.imread(path))
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
 
 
 def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
@@ -49,7 +36,7 @@ def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
             lab_path, img_path = meta_path.parent / r["labels"], meta_path.parent / r["image"]
             if not lab_path.is_file():
                 raise DataError(f"{lab_path}: label template listed in {meta_path.name} is missing")
-            lab = _read(lab_path)
+            lab = read_2d_file(lab_path)
             if lab.ndim == 3 and lab.shape[-1] in (3, 4):  # an RGB(A) save from a paint program: one channel
                 lab = lab[..., 0]
             values = set(np.unique(lab).tolist())
@@ -60,7 +47,7 @@ def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
             if not painted <= {0, fg}:
                 raise DataError(f"{lab_path}: label values {sorted(painted - {0, 1, 255}) or sorted(painted)} unexpected; "
                                 f"expected 255 (or 1) object, 0 background, {blank} blank")
-            img = _read(img_path)
+            img = read_2d_file(img_path)
             if img.shape != lab.shape:
                 raise DataError(f"{lab_path}: shape {lab.shape} differs from its image {img_path.name} {img.shape}")
             out = np.where(lab == fg, 1, 0).astype(np.uint8)
@@ -103,7 +90,7 @@ def painted_templates_below(folder: str | Path) -> list[Path]:
             path = Path(here) / name
             blank = _blank_of(Path(here), blanks)
             try:
-                lab = _read(path)
+                lab = read_2d_file(path)
             except DataError:
                 found.append(path)
                 continue

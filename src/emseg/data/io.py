@@ -74,7 +74,8 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
-def _read_2d_file(path: Path) -> np.ndarray:
+def read_2d_file(path: Path) -> np.ndarray:
+    """One 2D image file (TIFF or PNG) as an array; any failure is a DataError naming the file."""
     try:
         if path.suffix.lower() == ".png":
             from PIL import Image
@@ -189,7 +190,7 @@ class StackReader:
         if not 0 <= z < info.shape[0]:
             raise DataError(f"{info.path}: slice {z} is outside the stack (0..{info.shape[0] - 1})")
         if info.files:
-            arr = _read_2d_file(info.files[z])
+            arr = read_2d_file(info.files[z])
             where = info.files[z]
         else:
             where = f"{info.path} slice {z}"
