@@ -110,7 +110,13 @@ def _predict(args: argparse.Namespace) -> None:
     _claim(args)
     net, ref, tags = _load_model(args, params)
     ev = params.evaluate if params else None
-    inference = ev.inference.model_copy(update={"tta": args.tta or ev.inference.tta}) if ev else None
+    if ev is None and tags.get("tta") == "true":
+        from emseg.config import EvaluateParams
+
+        ev = EvaluateParams()
+    # Flip TTA when asked, when evaluate chose it on this version's validation slices, or when params say so.
+    tta = args.tta or tags.get("tta") == "true" or (ev is not None and ev.inference.tta)
+    inference = ev.inference.model_copy(update={"tta": tta}) if ev else None
     kwargs = {"inference": inference, "instances": ev.instances} if ev else {}
     if ev is None or ev.instances.h_choices:
         # The watershed depth `emseg evaluate` chose on this model's validation slices (version tag).

@@ -192,6 +192,9 @@ class EvaluateParams(_Strict):
     inference: InferenceParams = InferenceParams()
     instances: InstanceParams = InstanceParams()
     overlays: Annotated[int, Field(ge=0)] = 3
+    # true: `emseg evaluate` scores the validation slices with and without flip TTA and keeps TTA only
+    # where it gives the higher foreground IoU there (never decided on the test slices).
+    choose_tta: bool = False
 
 
 class RegisterParams(_Strict):

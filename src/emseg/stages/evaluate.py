@@ -9,7 +9,7 @@ from pathlib import Path
 from emseg import tracking
 from emseg.config import load_params
 from emseg.data.prepare import load_split
-from emseg.evaluate import choose_watershed_h, evaluate_stack
+from emseg.evaluate import choose_tta, choose_watershed_h, evaluate_stack
 from emseg.fsutil import staged_files, write_json
 from emseg.model.network import load_weights
 from emseg.plots import plot_overlays
@@ -34,15 +34,21 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     net, _ = load_weights(Path(MODEL_DIR) / "model.pt")
     # The watershed depth is chosen on the validation slices (h_choices), never on the test slices.
     vx, vy = load_split(prepared_dir, "val")
-    h, h_rows = choose_watershed_h(net, vx, vy, params.evaluate, params.train.threshold)
+    cfg = params.evaluate
+    if cfg.choose_tta and len(vx):
+        cfg, tta_rows = choose_tta(net, vx, vy, cfg, params.train.threshold)
+        print("evaluate: flip TTA on the validation slices: "
+              + ", ".join(f"{'on' if r['tta'] else 'off'} IoU {r['iou']:.4f}" for r in tta_rows)
+              + f" -> {'on' if cfg.inference.tta else 'off'}")
+    h, h_rows = choose_watershed_h(net, vx, vy, cfg, params.train.threshold)
     if h_rows:
         print("evaluate: watershed on the validation slices: "
               + ", ".join(f"h={r['h']:g} instance F1 {r['instance_f1']:.3f}" for r in h_rows) + f" -> h={h:g}")
     else:
         h_rows = [{"h": h, "instance_f1": None}]  # no labelled object in the validation slices: h as set
     images, labels = load_split(prepared_dir, "test")
-    ev = evaluate_stack(net, images, labels, params.evaluate, params.train.threshold, keep=params.evaluate.overlays, h=h)
-    m = ev.metrics
+    ev = evaluate_stack(net, images, labels, cfg, params.train.threshold, keep=cfg.overlays, h=h)
+    m = {**ev.metrics, "tta": cfg.inference.tta}
     with staged_files(REPORT_DIR) as rep:
         write_json(rep / "metrics.json", m)
         _write_csv(rep / "per_slice.csv", ev.per_slice)
@@ -55,7 +61,8 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
         run_id = json.loads((Path(TRAIN_REPORTS) / "run.json").read_text())["run_id"]
         tracking.configure(params.tracking)
         with tracking.start_run(run_id=run_id):
-            mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items() if k not in ("slices", "threshold")})
+            mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items() if k not in ("slices", "threshold", "tta")})
+            mlflow.set_tag("evaluate_tta", str(cfg.inference.tta).lower())
             for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "watershed_h.csv", "overlays.png"):
                 if (rep / f).exists():
                     mlflow.log_artifact(str(rep / f), artifact_path="evaluation")

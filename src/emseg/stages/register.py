@@ -32,21 +32,25 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     metrics = json.loads((Path(EVAL_REPORTS) / "metrics.json").read_text())
     vx, vy = load_split(prepared_dir, "val")
 
-    def score(net, who: str) -> float:
-        return pixel_iou(net, vx, vy, params.evaluate, params.train.threshold, desc=f"register: {who}")
+    def score(net, who: str, tta: bool) -> float:
+        cfg = params.evaluate.model_copy(update={"inference": params.evaluate.inference.model_copy(update={"tta": tta})})
+        return pixel_iou(net, vx, vy, cfg, params.train.threshold, desc=f"register: {who}")
 
+    # Each model is scored with its own post-processing: the TTA evaluate chose for it (or the params').
+    own_tta = bool(metrics.get("tta", params.evaluate.inference.tta))
     challenger, _ = load_weights(Path(MODEL_DIR) / "model.pt")
-    val_iou = score(challenger, "challenger on validation")
+    val_iou = score(challenger, "challenger on validation", own_tta)
     tracking.configure(params.tracking)
     name = params.tracking.registered_model
     champion = champion_version(name)
     champion_iou = None
     if champion is not None:
         weights = tracking.download_version_weights(champion, f"models:/{name}@champion")
-        champion_iou = score(load_weights(weights)[0], f"champion v{champion.version} on the same slices")
+        champion_tta = champion.tags.get("tta", str(params.evaluate.inference.tta).lower()) == "true"
+        champion_iou = score(load_weights(weights)[0], f"champion v{champion.version} on the same slices", champion_tta)
     data_hash = tracking.dvc_data_hash()
     # The watershed depth evaluate used goes with the version, so `emseg predict` splits as evaluated.
-    tags = {"test_iou": f"{float(metrics['iou']):.6f}", "val_data_hash": data_hash,
+    tags = {"test_iou": f"{float(metrics['iou']):.6f}", "val_data_hash": data_hash, "tta": str(own_tta).lower(),
             **({"watershed_h": f"{float(metrics['watershed_h']):g}"} if "watershed_h" in metrics else {})}
     result = register_and_decide(run_info["model_uri"], name, run_info["run_id"], val_iou, champion, champion_iou,
                                  params.register.min_gain, tags=tags)
