@@ -11,7 +11,8 @@ from conftest import SMALL_GENERATED
 from emseg.config import parse_params
 from emseg.data.prepare import load_split, prepare
 from emseg.data.sources import fetch_raw
-from emseg.evaluate import choose_watershed_h
+from emseg.data.generate import generate_slice
+from emseg.evaluate import choose_watershed_h, evaluate_stack, runs_of
 from emseg.inference import blend_window, predict_slice, predict_tiled
 from emseg.instances import connected_instances, instance_scores, match_instances, split_instances
 from emseg.model.network import channels_last, is_channels_last
@@ -168,3 +169,56 @@ def test_watershed_h_is_chosen_by_instance_f1_on_the_given_slices():
     h, rows = choose_watershed_h(_MaskNet(), images, labels, plain, progress=False)
     assert h == 5.0 and [r["h"] for r in rows] == [5.0]
     assert choose_watershed_h(_MaskNet(), images, np.zeros_like(labels), cfg, progress=False) == (5.0, [])
+
+
+def test_the_generator_writes_its_objects_with_touching_pairs_apart():
+    objects_total = components_total = 0
+    for z in range(4):
+        img, mask, objects = generate_slice(0, z, 384, 448, instances=True)
+        plain = generate_slice(0, z, 384, 448)
+        assert np.array_equal(img, plain[0]) and np.array_equal(mask, plain[1])  # the same slice
+        assert objects.dtype == np.uint16 and np.array_equal(objects > 0, mask > 0)
+        objects_total += len(np.unique(objects)) - 1
+        components_total += int(connected_instances(mask > 0).max())
+    assert objects_total >= components_total + 3  # touching pairs: one component, two objects
+
+
+def test_a_correct_split_of_touching_objects_scores_as_correct_with_the_generators_objects():
+    """A perfect semantic prediction of generated slices, split by the watershed: against the
+    generator's objects the split scores better than the unsplit components; against connected
+    components of the mask (the old truth) the same correct split was counted as errors."""
+    slices = [generate_slice(3, z, 384, 448, instances=True) for z in range(3)]
+    images = np.stack([m > 0 for _, m, _ in slices]).astype(np.float32)
+    labels = np.stack([m > 0 for _, m, _ in slices]).astype(np.uint8)
+    objects = np.stack([o for _, _, o in slices])
+    cfg = parse_params({"evaluate": {"instances": {"h": 2.0, "truth": "2d"}}}).evaluate
+    true = evaluate_stack(_MaskNet(), images, labels, cfg, keep=0, progress=False, instances=objects).metrics
+    old = evaluate_stack(_MaskNet(), images, labels, cfg, keep=0, progress=False).metrics
+    assert true["instance_truth"].startswith("object labels") and old["instance_truth"].startswith("2D connected")
+    assert true["instance_f1"] >= 0.9 and true["instance_f1"] > true["instance_f1_connected"]
+    assert old["instance_f1_connected"] == 1.0 > old["instance_f1"]  # the old truth punished correct splits
+    assert true["iou"] == old["iou"] > 0.99  # pixel scores do not depend on the truth of objects
+
+
+def test_true_objects_are_followed_through_the_stack_in_3d():
+    """Two columns joined by a bridge in the first slice are one object in 3D. A prediction that
+    misses the bridge is right in 5 of 6 slices one by one, but cuts the 3D object in two."""
+    vol = np.zeros((6, 64, 72), np.uint8)
+    for z in range(6):
+        vol[z][disk((24, 16), 7)] = 1
+        vol[z][disk((24, 56), 7)] = 1
+    vol[0, 20:29, 16:57] = 1
+    pred = vol.copy()
+    pred[0, 20:29, 25:48] = 0
+    cfg3, cfg2 = (parse_params({"evaluate": {"instances": {"truth": t, "h_choices": []}}}).evaluate for t in ("3d", "2d"))
+    perfect = evaluate_stack(_MaskNet(), vol.astype(np.float32), vol, cfg3, keep=0, progress=False).metrics
+    assert perfect["instance_truth"].startswith("3D") and perfect["instance_f1_connected"] == 1.0
+    cut3 = evaluate_stack(_MaskNet(), pred.astype(np.float32), vol, cfg3, keep=0, progress=False).metrics
+    cut2 = evaluate_stack(_MaskNet(), pred.astype(np.float32), vol, cfg2, keep=0, progress=False).metrics
+    assert cut3["instance_f1_connected"] == 0.0  # two halves, neither overlaps the whole by IoU > 0.5
+    assert cut2["instance_f1_connected"] == pytest.approx(20 / 23)  # 10 matched, 2 extra, 1 missed
+    # Runs of consecutive slices are followed separately: the first slice alone, then the other five.
+    assert runs_of([0, 2, 3, 4, 5, 6]) == [(0, 1), (1, 6)] and runs_of([]) == []
+    apart = evaluate_stack(_MaskNet(), vol.astype(np.float32), vol, cfg3, keep=0, progress=False,
+                           runs=runs_of([0, 2, 3, 4, 5, 6])).metrics
+    assert apart["instance_f1_connected"] == 1.0

@@ -152,6 +152,12 @@ class TrainParams(_Strict):
     freeze_encoder_epochs: Annotated[int, Field(ge=0)] = 0
     encoder_lr_factor: Annotated[float, Field(gt=0, le=1)] = 1.0
 
+    def identity(self, **exclude) -> dict:
+        """The settings that decide what a run trains, for hashing: a registry init is named by its
+        resolved version (``init.uri``), not by the temporary file its weights were fetched to."""
+        drop = {**exclude, **({"init": {"path"}} if self.init.mode == "registry" else {})}
+        return self.model_dump(exclude=drop)
+
 
 class TuneParams(_Strict):
     n_trials: PositiveInt = 4
@@ -178,6 +184,11 @@ class InstanceParams(_Strict):
     # `emseg predict` takes it from there. Empty: h as set above.
     h_choices: list[PositiveFloat] = [1.0, 2.0, 4.0, 6.0, 8.0]
     smooth: Annotated[float, Field(ge=0)] = 1.0
+    # The true objects of a label stack without object labels: "3d", the connected components through
+    # each run of consecutive test slices (isotropic stacks such as FIB-SEM; predicted objects are split
+    # in 3D too), or "2d", per slice (anisotropic serial sections). Object labels the source provides
+    # (the generator's) are used as they are. metrics.json names the truth used.
+    truth: Literal["3d", "2d"] = "3d"
 
 
 class InferenceParams(_Strict):

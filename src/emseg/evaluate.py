@@ -69,19 +69,39 @@ def choose_tta(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5,
     return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"tta": use})}), rows
 
 
+def runs_of(indices) -> list[tuple[int, int]]:
+    """Runs of consecutive slice indices as (start, stop) positions in the split: the stretches of the
+    stack through which objects are followed in 3D."""
+    idx = [int(z) for z in indices]
+    starts = [0] + [i for i in range(1, len(idx)) if idx[i] != idx[i - 1] + 1]
+    return [(a, b) for a, b in zip(starts, starts[1:] + [len(idx)]) if b > a]
+
+
+def instance_truth(instances, cfg: EvaluateParams) -> tuple[str, str]:
+    """(objects, description): how instance scores find the true objects of this split."""
+    if instances is not None:
+        return "2d", "object labels of the source (2D, per slice)"
+    if cfg.instances.truth == "3d":
+        return "3d", "3D connected components of the labels through each run of consecutive slices"
+    return "2d", "2D connected components of each label slice"
+
+
 def choose_watershed_h(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5,
-                       progress: bool = True) -> tuple[float, list[dict]]:
+                       progress: bool = True, instances=None) -> tuple[float, list[dict]]:
     """The h of ``cfg.instances.h_choices`` with the best instance F1 on these (validation) slices.
 
     Each slice is predicted once and split with every candidate; a tie goes to the earlier candidate.
     Without choices the one candidate is ``cfg.instances.h`` (its row is still worth reporting).
-    Returns ``cfg.instances.h`` with no rows when the slices hold no labelled object to judge by."""
+    Returns ``cfg.instances.h`` with no rows when the slices hold no labelled object to judge by.
+    ``instances``: the slices' object labels where the source has them; else each slice's connected
+    components (validation slices lie ``data.min_gap`` apart, so each is a run of its own)."""
     ins = cfg.instances
     choices = list(ins.h_choices) or [ins.h]
     counts: list[dict] = [{} for _ in choices]
     for i, prob in enumerate(_probabilities(net, images, cfg, "choose watershed h", progress)):
         lab = np.asarray(labels[i])
-        truth, valid = true_instances(lab), lab != IGNORE
+        truth = true_instances(lab) if instances is None else np.asarray(instances[i])
+        valid = lab != IGNORE
         for k, h in enumerate(choices):
             found = split_instances(prob, threshold, ins.min_size, h, ins.smooth)
             counts[k] = add_counts(counts[k], match_instances(truth, found, valid=valid))
@@ -93,12 +113,18 @@ def choose_watershed_h(net, images, labels, cfg: EvaluateParams, threshold: floa
 
 
 def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5, keep: int = 3,
-                   progress: bool = True, h: float | None = None) -> Evaluation:
+                   progress: bool = True, h: float | None = None, instances=None,
+                   runs: list[tuple[int, int]] | None = None) -> Evaluation:
     """Predict every slice (tiled), accumulate pixel counts, instance matches and the PR histogram.
 
-    ``h``: the watershed depth (default ``cfg.instances.h``), e.g. one chosen by ``choose_watershed_h``."""
+    ``h``: the watershed depth (default ``cfg.instances.h``), e.g. one chosen by ``choose_watershed_h``.
+    ``instances``: object labels of the slices where the source has them (see ``instance_truth``).
+    With 3D truth, the predicted masks of each run of consecutive slices (``runs``, default: all slices
+    are one run) are split in 3D and matched with the 3D components of its labels; the masks of the
+    split are held in memory as booleans (one byte a voxel)."""
     ins = cfg.instances
     h = ins.h if h is None else h
+    objects, truth_name = instance_truth(instances, cfg)
     counts: dict = {}
     inst_ws: dict = {}
     inst_cc: dict = {}
@@ -108,6 +134,7 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
     n = len(images)
     keep_idx = set(np.linspace(0, n - 1, keep).round().astype(int).tolist()) if keep else set()
     examples = []
+    masks = np.zeros((n, *np.shape(images[0])), bool) if objects == "3d" and n else None
     for i, prob in enumerate(_probabilities(net, images, cfg, "evaluate", progress)):
         lab = np.asarray(labels[i])
         c = confusion(prob > threshold, lab)
@@ -115,15 +142,29 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
         bins = np.minimum((prob * PR_BINS).astype(np.int64), PR_BINS - 1)
         fg_hist += np.bincount(bins[lab == 1], minlength=PR_BINS)
         bg_hist += np.bincount(bins[lab == 0], minlength=PR_BINS)
-        valid = lab != IGNORE
-        truth = true_instances(lab)
-        inst_ws = add_counts(inst_ws, match_instances(truth, split_instances(prob, threshold, ins.min_size, h, ins.smooth), valid=valid))
-        inst_cc = add_counts(inst_cc, match_instances(truth, connected_instances(prob > threshold, ins.min_size), valid=valid))
+        if masks is not None:
+            masks[i] = prob > threshold
+        else:
+            valid = lab != IGNORE
+            truth = true_instances(lab) if instances is None else np.asarray(instances[i])
+            inst_ws = add_counts(inst_ws, match_instances(
+                truth, split_instances(prob, threshold, ins.min_size, h, ins.smooth), valid=valid))
+            inst_cc = add_counts(inst_cc, match_instances(
+                truth, connected_instances(prob > threshold, ins.min_size), valid=valid))
         per_slice.append({"slice": i, "iou": scores(c)["iou"]})
         if i in keep_idx:
             examples.append((i, prob))
+    if masks is not None:
+        for a, b in runs or [(0, n)]:
+            lab = np.asarray(labels[a:b])
+            truth, valid = true_instances(lab), lab != IGNORE
+            inst_ws = add_counts(inst_ws, match_instances(
+                truth, split_instances(masks[a:b], 0.5, ins.min_size, h, ins.smooth), valid=valid))
+            inst_cc = add_counts(inst_cc, match_instances(truth, connected_instances(masks[a:b], ins.min_size),
+                                                          valid=valid))
     px = scores(counts)
     ws, cc = instance_scores(inst_ws), instance_scores(inst_cc)
     metrics = {**px, **ws, "instance_f1_connected": cc["instance_f1"], "splits_connected": cc["splits"],
-               "merges_connected": cc["merges"], "slices": n, "threshold": threshold, "watershed_h": float(h)}
+               "merges_connected": cc["merges"], "slices": n, "threshold": threshold, "watershed_h": float(h),
+               "instance_truth": truth_name, "instance_objects": objects}
     return Evaluation(metrics, per_slice, _pr_curve(fg_hist, bg_hist), examples)

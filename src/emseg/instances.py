@@ -35,7 +35,8 @@ def _new_skimage() -> bool:
 
 def split_instances(prob: np.ndarray, threshold: float = 0.5, min_size: int = 30, h: float = 2.0,
                     smooth: float = 1.0) -> np.ndarray:
-    """uint32 instance labels of one 2D probability map (0 = background)."""
+    """uint32 instance labels of a 2D probability map, or of a 3D stack of them split as one volume
+    (0 = background)."""
     mask = connected_instances(np.asarray(prob) > threshold, min_size) > 0
     if not mask.any():
         return np.zeros(mask.shape, np.uint32)

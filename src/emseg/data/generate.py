@@ -5,6 +5,10 @@ has a textured cytoplasm cut by dark cell membranes (a Voronoi tessellation), sm
 that are *not* labelled (distractors), and mitochondria drawn as ellipses with a dark double
 membrane and striped cristae, some of them touching in pairs (the case watershed must split).
 Blur and noise imitate the microscope. Slice ``z`` of seed ``s`` is always the same image.
+
+The generator knows its objects: with ``instances=True`` it also returns their labels (each
+mitochondrion its own id, the two of a touching pair separate), the true objects of instance scores.
+Slices are drawn independently, so objects are 2D: an id means one object in one slice.
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ def _ellipse_fields(h, w, cy, cx, a, b, theta):
     return (slice(y0, y1), slice(x0, x1)), rho, u
 
 
-def generate_slice(seed: int, z: int, height: int = 768, width: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """One EM-like slice (uint8) and its mitochondria mask (uint8, 0/255)."""
+def generate_slice(seed: int, z: int, height: int = 768, width: int = 1024, instances: bool = False):
+    """One EM-like slice (uint8) and its mitochondria mask (uint8, 0/255); with ``instances``, also the
+    mitochondria as objects (uint16, 0 background, 1..n; where a touching pair overlaps by a pixel the
+    later one drawn owns it)."""
     rng = np.random.default_rng([seed, z])
     h, w = height, width
     scale = np.sqrt(h * w / (768 * 1024))  # keep object counts per area constant
@@ -62,6 +68,7 @@ def generate_slice(seed: int, z: int, height: int = 768, width: int = 1024) -> t
         img[sl][(rho > 0.6) & (rho <= 1.0)] -= 55
 
     mask = np.zeros((h, w), bool)
+    objects = np.zeros((h, w), np.uint16)
     placed = 0
     tries = 0
     target = int(rng.integers(24, 34) * scale**2)
@@ -89,10 +96,13 @@ def generate_slice(seed: int, z: int, height: int = 768, width: int = 1024) -> t
             region[ring] -= 45
             mask[sl] |= inside
             placed += 1
+            objects[sl][inside] = placed
 
     img = ndimage.gaussian_filter(img, 1.0)
     img += rng.normal(0, 9, size=(h, w))
     img = np.clip(img, 0, 255).astype(np.uint8)
+    if instances:
+        return img, mask.astype(np.uint8) * 255, objects
     return img, (mask.astype(np.uint8) * 255)
 
 

@@ -17,10 +17,11 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import tifffile
+from tqdm.auto import tqdm
 
 from emseg.errors import DataError
 
@@ -271,3 +272,38 @@ def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
 def write_stack(path: str | Path, stack: np.ndarray) -> None:
     """Write a (z, y, x) stack as a zlib-compressed multi-page TIFF (one page per slice)."""
     tifffile.imwrite(path, stack, compression="zlib", photometric="minisblack")
+
+
+def stack_stats(info: StackInfo) -> tuple[float, float]:
+    """Mean and standard deviation of a whole stack, streamed slice by slice.
+
+    Per-slice means and squared deviations are combined pairwise (Chan et al.), in float64, so
+    neither large values nor many slices lose the variance to cancellation. Values no normalisation
+    can use (NaN, inf, fill values near float32's limit) are refused here, before anything is written.
+    """
+    total, mean, m2 = 0, 0.0, 0.0
+    with StackReader(info) as reader:
+        for z, sl in enumerate(tqdm(reader, total=info.shape[0], desc=f"statistics {info.path.name}", unit="slice")):
+            check_values(sl, where(info, z))
+            sl = sl.astype(np.float64)
+            n, m = sl.size, float(sl.mean())
+            s2 = float(np.square(sl - m).sum())
+            delta = m - mean
+            mean += delta * n / (total + n)
+            m2 += s2 + delta * delta * total * n / (total + n)
+            total += n
+    std = float(np.sqrt(max(m2 / total, 0.0)))
+    if not std > 1e-6 * max(1.0, abs(mean)) or not np.isfinite(std):
+        raise DataError(f"{info.path}: image stack is constant (every pixel {mean:g}); nothing to segment")
+    return float(mean), std
+
+
+def label_mapping(values: set[int], path: Path, ignore: Optional[int]) -> int:
+    """Return the foreground value (255 or 1) of a label stack given its distinct values."""
+    annotated = values - ({ignore} if ignore is not None else set())
+    for fg in (255, 1):
+        if annotated <= {0, fg}:
+            return fg
+    allowed = "{0, 255} or {0, 1}" + (f" plus ignore value {ignore}" if ignore is not None else "")
+    raise DataError(f"{path}: label values {sorted(annotated - {0, 1, 255}) or sorted(annotated)} unexpected; "
+                    f"expected {allowed}")

@@ -6,6 +6,8 @@ Outputs in the prepared folder (all written slice by slice through memory maps):
   (per-dataset normalisation, so stacks of different contrast are comparable);
 - ``{train,val,test}_labels.npy``: uint8 (n, y, x), 0 background, 1 foreground, ``IGNORE`` (255)
   for pixels the annotator left unlabelled;
+- ``{train,val,test}_instances.npy``: uint32 object labels, only where the source knows its objects
+  (the generator); instance scores use them as the true objects;
 - ``manifest.json``: shapes, dtypes, slice indices, foreground fractions, normalisation, hashes.
 
 Peak memory is a few slices, whatever the stack size.
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from emseg import IGNORE
 from emseg.config import DataParams
 from emseg.data.io import (StackInfo, StackReader, check_image_dtype, check_pair, check_values, inspect_stack,
-                          normalise, where)
+                          label_mapping, normalise, stack_stats, where)
 from emseg.data.sources import load_source
 from emseg.errors import ConfigError, DataError
 from emseg.fsutil import allocated_memmap, atomic_dir, write_json
@@ -141,41 +143,6 @@ def split_distances(splits: dict[str, list[int]]) -> dict[str, int | None]:
     return out
 
 
-def stack_stats(info: StackInfo) -> tuple[float, float]:
-    """Mean and standard deviation of a whole stack, streamed slice by slice.
-
-    Per-slice means and squared deviations are combined pairwise (Chan et al.), in float64, so
-    neither large values nor many slices lose the variance to cancellation. Values no normalisation
-    can use (NaN, inf, fill values near float32's limit) are refused here, before anything is written.
-    """
-    total, mean, m2 = 0, 0.0, 0.0
-    with StackReader(info) as reader:
-        for z, sl in enumerate(tqdm(reader, total=info.shape[0], desc=f"statistics {info.path.name}", unit="slice")):
-            check_values(sl, where(info, z))
-            sl = sl.astype(np.float64)
-            n, m = sl.size, float(sl.mean())
-            s2 = float(np.square(sl - m).sum())
-            delta = m - mean
-            mean += delta * n / (total + n)
-            m2 += s2 + delta * delta * total * n / (total + n)
-            total += n
-    std = float(np.sqrt(max(m2 / total, 0.0)))
-    if not std > 1e-6 * max(1.0, abs(mean)) or not np.isfinite(std):
-        raise DataError(f"{info.path}: image stack is constant (every pixel {mean:g}); nothing to segment")
-    return float(mean), std
-
-
-def label_mapping(values: set[int], path: Path, ignore: Optional[int]) -> int:
-    """Return the foreground value (255 or 1) of a label stack given its distinct values."""
-    annotated = values - ({ignore} if ignore is not None else set())
-    for fg in (255, 1):
-        if annotated <= {0, fg}:
-            return fg
-    allowed = "{0, 255} or {0, 1}" + (f" plus ignore value {ignore}" if ignore is not None else "")
-    raise DataError(f"{path}: label values {sorted(annotated - {0, 1, 255}) or sorted(annotated)} unexpected; "
-                    f"expected {allowed}")
-
-
 def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg_value) -> dict:
     n, (h, w) = len(indices), img_info.shape[1:]
     images = allocated_memmap(out / f"{name}_images.npy", np.float32, (n, h, w))
@@ -202,6 +169,17 @@ def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg
         raise DataError(f"{lab_info.path}: every pixel of the {name} slices {list(indices)} is the ignore value")
     return {"slices": [int(z) for z in indices], "shape": [n, h, w], "foreground_fraction": fg / labelled,
             "labelled_fraction": labelled / (n * h * w)}
+
+
+def _write_instances(name, info, indices, out: Path) -> None:
+    """The split's object labels (uint32, 0 background), slice for slice beside its labels."""
+    n, (h, w) = len(indices), info.shape[1:]
+    objects = allocated_memmap(out / f"{name}_instances.npy", np.uint32, (n, h, w))
+    with StackReader(info) as r:
+        for i, z in enumerate(indices):
+            objects[i] = r.read(z)
+    objects.flush()
+    del objects
 
 
 def _fg_value(lab_info: StackInfo, indices, ignore) -> int:
@@ -273,6 +251,15 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
                   ("test", test_img, test_lab, test_idx, test_stats, fg_test))
         for name, img, lab, idx, stats, fgv in splits:
             manifest["splits"][name] = _write_split(name, img, lab, idx, stats, tmp, ignore, fgv)
+        # Object labels where the source knows them (the generator's 2D objects): instance scores use them.
+        role = {"train": "train_instances", "val": "train_instances",
+                "test": "test_instances" if "test_image" in infos else "train_instances"}
+        if all(r in infos for r in set(role.values())):
+            for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+                _write_instances(name, infos[role[name]], idx, tmp)
+            manifest["instances"] = {"truth": "object labels of the source", "objects": "2d"}
+        else:
+            manifest["instances"] = None
         held_out = {"validation": val_idx, "test": test_idx if test_img is train_img else []}
         manifest["annotations"] = _write_annotations(params.annotations, tmp, desc, held_out, gap)
         if manifest["splits"]["train"]["foreground_fraction"] == 0:
@@ -327,6 +314,12 @@ def _write_annotations(folder: Optional[str], out: Path, desc: dict, held_out: d
         np.save(out / "annotations_labels.npy", y)
     return {"folder": folder, "patches": len(images), "labelled_pixels": sum(r["labelled_pixels"] for r in records),
             "records": records}
+
+
+def load_instances(prepared_dir: str | Path, name: str) -> np.ndarray | None:
+    """The split's object labels (memory-mapped) where the source gave them, else None."""
+    path = Path(prepared_dir) / f"{name}_instances.npy"
+    return np.load(path, mmap_mode="r") if path.exists() else None
 
 
 def load_split(prepared_dir: str | Path, name: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -46,14 +46,14 @@ def _write_generated(cfg, out: Path) -> dict[str, Path]:
     total = cfg.slices + cfg.test_slices
     bar = tqdm(total=total, desc="generate EM-like slices", unit="slice")
     for split, n, z0 in (("train", cfg.slices, 0), ("test", cfg.test_slices, cfg.slices)):
-        img_path, lab_path = out / f"{split}_image.tif", out / f"{split}_labels.tif"
-        with tifffile.TiffWriter(img_path) as ti, tifffile.TiffWriter(lab_path) as tl:
+        paths = {kind: out / f"{split}_{kind}.tif" for kind in ("image", "labels", "instances")}
+        with tifffile.TiffWriter(paths["image"]) as ti, tifffile.TiffWriter(paths["labels"]) as tl, \
+                tifffile.TiffWriter(paths["instances"]) as tn:
             for z in range(z0, z0 + n):
-                img, lab = generate_slice(cfg.seed, z, cfg.height, cfg.width)
-                ti.write(img, compression="zlib", photometric="minisblack", contiguous=False)
-                tl.write(lab, compression="zlib", photometric="minisblack", contiguous=False)
+                for writer, page in zip((ti, tl, tn), generate_slice(cfg.seed, z, cfg.height, cfg.width, instances=True)):
+                    writer.write(page, compression="zlib", photometric="minisblack", contiguous=False)
                 bar.update()
-        files[f"{split}_image"], files[f"{split}_labels"] = img_path, lab_path
+        files.update({f"{split}_{kind}": path for kind, path in paths.items()})
     bar.close()
     return files
 
@@ -61,7 +61,7 @@ def _write_generated(cfg, out: Path) -> dict[str, Path]:
 def check_label_values(info, ignore) -> None:
     """Every slice of a label stack decodes and holds only 0, the foreground value and ``ignore``."""
     from emseg.data.io import StackReader
-    from emseg.data.prepare import label_mapping
+    from emseg.data.io import label_mapping
 
     with StackReader(info) as reader:
         for lab in tqdm(reader, total=info.shape[0], desc=f"check {info.path.name}", unit="slice"):
@@ -81,7 +81,7 @@ def _copy_user_stacks(cfg, out: Path, ignore=None) -> dict[str, Path]:
         if f"{split}_image" in infos:
             check_image_dtype(infos[f"{split}_image"])
             check_pair(infos[f"{split}_image"], infos[f"{split}_labels"])
-    from emseg.data.prepare import stack_stats
+    from emseg.data.io import stack_stats
     # Decode every slice before copying: unreadable pages, NaN, fill values and stray label values are
     # refused now, naming the user's file, rather than versioned by DVC and found by `prepare`.
     for role, info in infos.items():

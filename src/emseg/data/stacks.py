@@ -16,7 +16,7 @@ import numpy as np
 
 from emseg import IGNORE
 from emseg.data.io import check_image_dtype, check_pair, inspect_stack, normalise, read_slices
-from emseg.data.prepare import label_mapping, stack_stats
+from emseg.data.io import label_mapping, stack_stats
 from emseg.errors import DataError
 
 
