@@ -22,7 +22,7 @@ from common import EPFL, run_measured, save  # noqa: E402
 SCRIPT = r"""
 import sys, numpy as np, tifffile
 from emseg.data.io import StackReader, inspect_stack
-from emseg.data.prepare import stack_stats
+from emseg.data.io import stack_stats
 from emseg.inference import predict_slice, predict_tiled
 from emseg.model.network import load_weights, build_network
 from emseg.config import ModelParams

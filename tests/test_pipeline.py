@@ -66,6 +66,12 @@ def test_evaluate_and_register_promote_like_for_like_and_a_worse_run_does_not_ta
     for key in ("iou", "dice", "accuracy", "precision", "recall", "instance_f1", "splits", "merges"):
         assert key in metrics
     assert metrics["slices"] == 2 and 0 < metrics["iou"] <= 1
+    # The generator's own objects are the truth of instance scores (touching pairs apart).
+    assert metrics["instance_truth"].startswith("object labels") and metrics["instance_objects"] == "2d"
+    import numpy as np
+
+    objects = np.load(proj / "data/prepared/test_instances.npy")
+    assert np.array_equal(objects > 0, np.load(proj / "data/prepared/test_labels.npy") == 1)  # aligned slices
     per_slice = (proj / "reports/evaluate/per_slice.csv").read_text().splitlines()
     assert per_slice[0] == "slice,iou" and len(per_slice) == 3
     pr = (proj / "reports/evaluate/pr_curve.csv").read_text().splitlines()
@@ -92,7 +98,6 @@ def test_evaluate_and_register_promote_like_for_like_and_a_worse_run_does_not_ta
     # Like for like across datasets: a run on real EPFL crops. Both it and the generated-data champion
     # are scored on the EPFL run's validation slices, so the EPFL model takes `champion` (under the old
     # test-IoU rule no EPFL model could displace a generated one).
-    import numpy as np
     import tifffile
 
     epfl = SHARED / "epfl-hippocampus"
@@ -107,6 +112,10 @@ def test_evaluate_and_register_promote_like_for_like_and_a_worse_run_does_not_ta
                                   "use_tuned": False}})
     run_cli(["dvc", "repro"], proj, check=True)
     real = json.loads((proj / "reports/register/registration.json").read_text())
+    # A label stack without object labels: its objects are followed through the 4 test slices in 3D.
+    real_metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())
+    assert real_metrics["instance_truth"].startswith("3D connected components") and real_metrics["instance_objects"] == "3d"
+    assert not (proj / "data/prepared/test_instances.npy").exists()
     assert real["version"] == 2 and real["champion_version_before"] == 1
     assert real["val_iou"] > real["champion_val_iou_before"] and real["promoted"]
     assert real["val_data_hash"] != first["val_data_hash"] and real["val_slices"] == 2  # the EPFL run's data
@@ -165,14 +174,31 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     assert root["labels/instances"].attrs["image-label"]["source"]["image"] == "../../"
     assert np.array_equal(root["0"][:], prob) and np.array_equal(root["labels/instances/0"][:], inst)
     assert json.loads((tmp_path / "isbi-zarr" / "summary.json").read_text())["objects"] == summary["objects"]
-    # A folder of 2D slices works too, and so does a local weights file.
+    # A folder of 2D slices works too. The weights file evaluate wrote and its registry version carry the
+    # same post-processing (chosen on validation), so they predict the same, whatever params.yaml says.
     folder = tmp_path / "slices"
     folder.mkdir()
     for z in range(2):
         tifffile.imwrite(folder / f"s{z}.tif", tifffile.imread(shared / "drosophila-vnc" / "stack1_raw.tif", key=z))
-    run_cli(["emseg", "predict", "--model", str(proj / "models" / "model.pt"), str(folder), str(tmp_path / "vnc")],
-            proj, check=True)
-    assert tifffile.imread(tmp_path / "vnc" / "instances.tif").shape == (2, 1024, 1024)
+    version = json.loads((proj / "reports/register/registration.json").read_text())["version"]
+    other = tmp_path / "other-params.yaml"  # a watershed depth evaluate never offered
+    other.write_text((proj / "params.yaml").read_text() + "\n")
+    import yaml
+
+    raw = yaml.safe_load(other.read_text())
+    raw.setdefault("evaluate", {}).setdefault("instances", {})["h"] = 7.5
+    other.write_text(yaml.safe_dump(raw))
+    outs = {}
+    for name, model in (("file", str(proj / "models" / "emseg.pt")), ("registry", f"models:/emseg-unet/{version}")):
+        proc = run_cli(["emseg", "--params", str(other), "predict", "--model", model, str(folder),
+                        str(tmp_path / f"vnc-{name}")], proj, check=True)
+        assert "as chosen for" in proc.stdout and "h=7.5" not in proc.stdout
+        outs[name] = [tifffile.imread(tmp_path / f"vnc-{name}" / f) for f in ("probabilities.tif", "instances.tif")]
+    assert outs["file"][1].shape == (2, 1024, 1024)
+    assert all(np.array_equal(a, b) for a, b in zip(outs["file"], outs["registry"]))
+    h_file = json.loads((tmp_path / "vnc-file" / "summary.json").read_text())["instances"]["h"]
+    assert h_file != 7.5 and h_file == float(mlflow_client(proj).get_model_version("emseg-unet", str(version))
+                                             .tags["watershed_h"])
 
     # MLflow's own serving path, pyfunc flavour, on a normalised EPFL crop.
     crop = tifffile.imread(shared / "epfl-hippocampus" / "testing.tif", key=0)[:128, :160].astype(np.float32)
@@ -189,10 +215,12 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     from emseg.config import TrackingParams
     from emseg.inference import predict_tiled
     from emseg.model.network import load_weights
-    from emseg.tracking import configure, download_weights
+    from emseg.registry import fetched_weights
+    from emseg.tracking import configure
 
     configure(TrackingParams(), root=proj)
-    own = predict_tiled(load_weights(download_weights("models:/emseg-unet@champion"))[0], crop)
+    with fetched_weights("models:/emseg-unet@champion") as weights:
+        own = predict_tiled(load_weights(weights)[0], crop)
     np.testing.assert_allclose(served[0, 0], own, atol=1e-4)
     pyfunc = np.asarray(mlflow.pyfunc.load_model("models:/emseg-unet@champion").predict(crop[None, None]))
     np.testing.assert_allclose(pyfunc[0, 0], own, atol=1e-4)
@@ -203,23 +231,38 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
 
 @pytest.mark.slow
 def test_init_from_the_registry_loads_the_champion_weights(repro_project):
+    from pathlib import Path
+
     import torch
 
-    from emseg.config import InitParams, ModelParams, TrackingParams
+    from emseg.config import ModelParams, TrackingParams, parse_params
     from emseg.errors import EmsegError
     from emseg.model.network import build_network, initialise, load_weights
-    from emseg.tracking import configure, download_weights
+    from emseg.registry import fetched_weights, local_init, resolve
+    from emseg.tracking import configure
 
     proj, _ = repro_project
     configure(TrackingParams(), root=proj)
-    champion, _ = load_weights(download_weights("models:/emseg-unet@champion"))
+    with fetched_weights("models:/emseg-unet@champion") as weights:
+        champion, _ = load_weights(weights)
+    assert not weights.exists()  # the download is removed after use
+    version = resolve("models:/emseg-unet@champion").version
     net = build_network(ModelParams(decoder_channels=[64, 32, 16, 16, 8]))
-    desc = initialise(net, InitParams(mode="registry", uri="models:/emseg-unet@champion"))
-    assert desc.startswith("registry:models:/emseg-unet@champion")
+    params = parse_params({"train": {"init": {"mode": "registry", "uri": "models:/emseg-unet@champion"}}})
+    with local_init(params) as local:
+        # The run is named by the version it starts from, not by the alias (which may move later).
+        assert local.train.init.uri == f"models:/emseg-unet/{version}" and Path(local.train.init.path).is_file()
+        desc = initialise(net, local.train.init)
+        fetched = Path(local.train.init.path)
+    assert not fetched.exists() and desc.startswith(f"registry:models:/emseg-unet/{version}")
     for (k, a), b in zip(net.state_dict().items(), champion.state_dict().values()):
         assert torch.equal(a, b), k
+    bad = parse_params({"train": {"init": {"mode": "registry", "uri": "models:/emseg-unet@nobody"}}})
     with pytest.raises(EmsegError, match="models:/emseg-unet@nobody: not found in the model registry"):
-        initialise(net, InitParams(mode="registry", uri="models:/emseg-unet@nobody"))
+        with local_init(bad):
+            pass
+    with pytest.raises(EmsegError, match="were not fetched to a local file"):  # the model layer never reaches MLflow
+        initialise(net, params.train.init)
 
 
 @pytest.mark.slow
@@ -297,3 +340,32 @@ def test_tune_resumes_after_kill_without_counting_a_trial_twice(tmp_path):
     assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed trial, marked failed by heartbeat
     best = json.loads((proj / "reports/tune/best_params.json").read_text())
     assert best["n_complete"] == 3
+
+
+@pytest.mark.slow
+def test_the_pruner_stops_a_trial_that_falls_behind_the_median(tmp_path):
+    """Two sound trials set the median; a third whose learning rate is too small to learn anything is
+    stopped by the MedianPruner after its second epoch, reported as pruned, and trains no further."""
+    import csv
+
+    from emseg.config import load_params
+    from emseg.stages.tune import study_name
+
+    proj = make_project(tmp_path / "proj", git=False)
+    write_params(proj, {**TINY, "train": {**TINY["train"], "patches_per_epoch": 64},
+                        "tune": {**TINY["tune"], "n_trials": 3, "epochs_per_trial": 4, "batch_sizes": [8],
+                                 "lr_min": 1e-9, "prune_after_epochs": 2, "prune_startup_trials": 2}})
+    assert run_cli(["emseg", "fetch"], proj).returncode == 0 and run_cli(["emseg", "prepare"], proj).returncode == 0
+    (proj / "optuna").mkdir(exist_ok=True)
+    storage = f"sqlite:///{proj / 'optuna' / 'study.db'}"
+    name = study_name(load_params(proj / "params.yaml"), str(proj / "data" / "prepared"))
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    for lr in (5e-3, 5e-3, 1e-9):  # the order tune will run them in
+        study.enqueue_trial({"lr": lr, "batch_size": 8})
+    out = run_cli(["emseg", "tune"], proj, check=True).stdout
+    rows = list(csv.DictReader(open(proj / "reports/tune/trials.csv")))
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE", "PRUNED"], rows
+    assert [int(r["epochs"]) for r in rows] == [4, 4, 2]  # pruned at the first epoch it may be
+    best = json.loads((proj / "reports/tune/best_params.json").read_text())
+    assert best["n_pruned"] == 1 and best["n_complete"] == 2 and best["trial"] in (0, 1)
+    assert "2 complete, 1 pruned" in out

@@ -69,14 +69,18 @@ def _claim(args: argparse.Namespace) -> None:
     """Before loading anything: the output may be written (and replaced only if emseg wrote it)."""
     from emseg.fsutil import claim_output
 
-    inputs = [args.input] + ([args.model] if not args.model.startswith("models:/") else [])
+    from emseg.registry import is_uri
+
+    inputs = [args.input] + ([args.model] if not is_uri(args.model) else [])
     claim_output(args.output, args.overwrite, inputs=inputs + [args.params or DEFAULT_PARAMS])
 
 
 def _load_model(args: argparse.Namespace, params):
     from emseg.predict import load_model
 
-    if args.model.startswith("models:/"):
+    from emseg.registry import is_uri
+
+    if is_uri(args.model):
         from emseg import tracking
         from emseg.config import TrackingParams
 
@@ -104,31 +108,30 @@ def _suggest(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from emseg.config import EvaluateParams, InstanceParams
     from emseg.predict import predict_to_folder
 
     params = _optional_params(args)
     _claim(args)
-    net, ref, tags = _load_model(args, params)
-    ev = params.evaluate if params else None
-    if ev is None and tags.get("tta") == "true":
-        from emseg.config import EvaluateParams
-
-        ev = EvaluateParams()
-    # Flip TTA when asked, when evaluate chose it on this version's validation slices, or when params say so.
-    tta = args.tta or tags.get("tta") == "true" or (ev is not None and ev.inference.tta)
-    inference = ev.inference.model_copy(update={"tta": tta}) if ev else None
-    kwargs = {"inference": inference, "instances": ev.instances} if ev else {}
-    if ev is None or ev.instances.h_choices:
-        # The watershed depth `emseg evaluate` chose on this model's validation slices (version tag).
-        h = tags.get("watershed_h")
-        if h is not None:
-            from emseg.config import InstanceParams
-
-            base = ev.instances if ev else InstanceParams()
-            kwargs["instances"] = base.model_copy(update={"h": float(h)})
-            print(f"predict: watershed h={float(h):g}, as chosen on the validation slices for {args.model}")
+    net, ref, meta = _load_model(args, params)
+    ev = params.evaluate if params else EvaluateParams()
+    threshold = params.train.threshold if params else 0.5
+    instances, tta = ev.instances, ev.inference.tta
+    post = meta["postprocess"]
+    if post:  # the weights carry what was chosen for them on validation: it wins over params.yaml
+        try:
+            instances = InstanceParams.model_validate({**ev.instances.model_dump(), **post["instances"]})
+            threshold, tta = float(post["threshold"]), bool(post["tta"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EmsegError(f"{args.model}: its post-processing record is damaged ({exc})") from None
+        print(f"predict: threshold {threshold:g}, watershed h={instances.h:g}, flip TTA {'on' if tta else 'off'}, "
+              f"as chosen for {args.model} on {post.get('chosen_on', 'its validation slices')}")
+    elif ev.instances.h_choices and meta["tags"].get("watershed_h") is not None:  # a version registered before
+        instances = ev.instances.model_copy(update={"h": float(meta["tags"]["watershed_h"])})
+        print(f"predict: watershed h={instances.h:g}, as chosen on the validation slices for {args.model}")
+    inference = ev.inference.model_copy(update={"tta": args.tta or tta})
     s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
-                          threshold=params.train.threshold if params else 0.5, fmt=args.fmt, **kwargs)
+                          threshold=threshold, fmt=args.fmt, inference=inference, instances=instances)
     print(f"predict: {s['shape'][0]} slices of {s['shape'][1]}x{s['shape'][2]}, {s['objects']} objects -> {args.output}")
 
 

@@ -19,7 +19,7 @@ import tifffile
 
 from emseg.config import InferenceParams, InstanceParams
 from emseg.data.io import StackReader, inspect_stack, normalise
-from emseg.data.prepare import stack_stats
+from emseg.data.io import stack_stats
 from emseg.errors import OutputError
 from emseg.fsutil import allocated_memmap, atomic_dir, claim_output, write_json
 from emseg.inference import predict_tiled
@@ -37,18 +37,20 @@ def predict_stack_iter(net, slices, progress: bool, total: int, inference: Infer
 
 def load_model(ref: str) -> tuple[SegmentationNet, str, dict]:
     """A network from a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a local weights file,
-    with the tags of the registry version it came from ({} for a file): one lookup, so an alias
-    that moves meanwhile cannot pair these weights with another version's tags."""
-    tags: dict = {}
-    if ref.startswith("models:/"):
-        from emseg.tracking import download_version_weights, resolve_model_version
+    and what came with it: ``{"tags": the registry version's tags ({} for a file), "postprocess": the
+    post-processing chosen for these weights on validation (None for plain training weights)}``. One
+    lookup, so an alias that moves meanwhile cannot pair these weights with another version's tags."""
+    from emseg import registry
 
-        mv = resolve_model_version(ref)
-        path, tags = download_version_weights(mv, ref), dict(mv.tags)
+    if registry.is_uri(ref):
+        mv = registry.resolve(ref)
+        with registry.fetched_weights(mv, ref) as path:
+            net, blob = load_weights(path)
+        tags = dict(mv.tags)
     else:
-        path = Path(ref)
-    net, _ = load_weights(path)
-    return net.eval(), str(ref), tags
+        net, blob = load_weights(Path(ref))
+        tags = {}
+    return net.eval(), str(ref), {"tags": tags, "postprocess": blob.get("postprocess")}
 
 
 FORMATS = ("tiff", "ome-zarr")

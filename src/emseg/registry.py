@@ -1,4 +1,6 @@
-"""Model registry: register a run's model, keep `challenger` current, move `champion` only when it is beaten.
+"""Model registry, the one module that reads and writes `models:/`: resolve a URI, fetch a version's
+weights to a local file that is removed afterwards, register a run's model, keep `challenger` current,
+move `champion` only when it is beaten, set aliases by hand.
 
 The comparison is like for like: the stage scores the challenger and the current champion on the
 same data (this run's validation slices) and hands both scores here; the test split never decides.
@@ -9,9 +11,91 @@ exactly one version, so concurrent promotions can never leave two champions.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
 from emseg.errors import EmsegError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+PREFIX = "models:/"
+# A version's weights: the self-describing file `register` attaches (weights and the post-processing
+# chosen on validation), else the plain training weights of older versions.
+WEIGHT_ARTIFACTS = ("weights/emseg.pt", "weights/model.pt")
+
+
+def is_uri(ref: str | Path) -> bool:
+    """Whether a --model value names a registry version rather than a file."""
+    return str(ref).startswith(PREFIX)
+
+
+def resolve(uri: str):
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> ModelVersion, with one clear error if absent."""
+    from mlflow.exceptions import MlflowException
+
+    if not is_uri(uri):
+        raise EmsegError(f"{uri}: expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = uri[len(PREFIX):]
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return _client().get_model_version_by_alias(name, alias)
+        name, version = rest.rsplit("/", 1)
+        return _client().get_model_version(name, version)
+    except MlflowException as exc:
+        raise EmsegError(f"{uri}: not found in the model registry ({str(exc).splitlines()[0]})") from None
+    except ValueError:
+        raise EmsegError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION") from None
+
+
+@contextmanager
+def fetched_weights(version, uri: str | None = None) -> Iterator[Path]:
+    """A local copy of a model version's weights file for the length of the block; the download
+    folder is removed afterwards. ``version``: a ModelVersion, or a URI to resolve first."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(version, str):
+        uri, version = version, resolve(version)
+    uri = uri or f"{PREFIX}{version.name}/{version.version}"
+    if not version.run_id:
+        raise EmsegError(f"{uri}: model version {version.version} has no source run with weights")
+    dst = Path(tempfile.mkdtemp(prefix="emseg-weights-"))
+    try:
+        path = None
+        for artifact in WEIGHT_ARTIFACTS:
+            try:
+                path = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=artifact,
+                                                                dst_path=str(dst)))
+                break
+            except (MlflowException, OSError):
+                continue
+        if path is None:
+            raise EmsegError(f"{uri}: model version {version.version} has no weights file in run {version.run_id}")
+        yield path
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+@contextmanager
+def local_init(params):
+    """``params`` whose ``train.init``, where it names a registry version (mode ``registry``), also
+    carries ``path``: a local copy of that version's weights, fetched once for the block and removed
+    afterwards. The model layer loads files only; it never reaches the registry itself."""
+    init = params.train.init
+    if init.mode != "registry":
+        yield params
+        return
+    if not init.uri:
+        from emseg.errors import ConfigError
+
+        raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is 'registry'")
+    version = resolve(init.uri)  # an alias that moves later does not change what this run started from
+    with fetched_weights(version, init.uri) as path:
+        local = init.model_copy(update={"uri": f"{PREFIX}{version.name}/{version.version}", "path": str(path)})
+        yield params.model_copy(update={"train": params.train.model_copy(update={"init": local})})
 
 
 def _client():

@@ -1,4 +1,5 @@
-"""Everything MLflow: store location, run tags that trace a run to code and data, models, registry look-ups."""
+"""MLflow runs: store location, run tags that trace a run to code and data, logging a run's model.
+The registry (`models:/`) is `emseg.registry`'s alone."""
 
 from __future__ import annotations
 
@@ -229,39 +230,3 @@ def log_model(net):
         save_weights(net, Path(tmp) / "model.pt")
         mlflow.log_artifact(str(Path(tmp) / "model.pt"), artifact_path="weights")
     return info
-
-
-def resolve_model_version(uri: str):
-    """models:/NAME@ALIAS or models:/NAME/VERSION -> ModelVersion, with one clear error if absent."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    if not uri.startswith("models:/"):
-        raise EmsegError(f"{uri}: expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION")
-    rest = uri[len("models:/"):]
-    client = MlflowClient()
-    try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, version = rest.rsplit("/", 1)
-        return client.get_model_version(name, version)
-    except MlflowException as exc:
-        raise EmsegError(f"{uri}: not found in the model registry ({str(exc).splitlines()[0]})") from None
-    except ValueError:
-        raise EmsegError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION") from None
-
-
-def download_weights(uri: str) -> Path:
-    """Local path of the safe weights file behind a registry URI."""
-    return download_version_weights(resolve_model_version(uri), uri)
-
-
-def download_version_weights(mv, uri: str) -> Path:
-    """Local path of the safe weights file of an already resolved model version (``uri`` names it in errors)."""
-    import mlflow
-
-    if not mv.run_id:
-        raise EmsegError(f"{uri}: model version {mv.version} has no source run with weights")
-    dst = Path(tempfile.mkdtemp(prefix="emseg-weights-"))
-    return Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="weights/model.pt", dst_path=str(dst)))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from emseg.active.pool import score_pool
 from emseg.active.strategies import STRATEGIES, Candidates, grid_candidates, select
 from emseg.data.io import check_image_dtype, inspect_stack, normalise, read_slices, sha256_of
-from emseg.data.prepare import stack_stats
+from emseg.data.io import stack_stats
 from emseg.errors import ConfigError
 from emseg.fsutil import atomic_dir, claim_output, write_json
 

@@ -225,9 +225,9 @@ def initialise(net: SegmentationNet, init: InitParams) -> str:
     if init.mode == "registry":
         if not init.uri:
             raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is 'registry'")
-        from emseg.tracking import download_weights
-
-        path = download_weights(init.uri)
-        n = _load_matching(net, _state_dict_from(_safe_load(path), init.uri), init.uri)
+        if not init.path:  # emseg.registry.local_init fetches the version's weights to a local file first
+            raise EmsegError(f"train.init.uri {init.uri}: the registry version's weights were not fetched to a local "
+                             "file (start training through emseg train, tune or the pipelines)")
+        n = _load_matching(net, _state_dict_from(_safe_load(init.path), init.uri), init.uri)
         return f"registry:{init.uri} ({n} tensors)"
     raise ConfigError(f"params.yaml: train.init.mode: unknown mode {init.mode!r}")

@@ -56,11 +56,17 @@ def load_data(params: Params) -> tuple[ActiveData, dict]:
 
 
 def run(params_path: str = "params.yaml") -> dict:
+    from emseg.registry import local_init
+
+    with local_init(load_params(params_path)) as params:  # registry init weights fetched once
+        return _run(params, params_path)
+
+
+def _run(params, params_path: str) -> dict:
     import mlflow
 
     from emseg.plots import plot_mean_band
 
-    params = load_params(params_path)
     cfg = params.active
     if not cfg.strategies or not cfg.seeds:
         raise ConfigError(f"{params_path}: active.strategies and active.seeds: at least one of each is required")

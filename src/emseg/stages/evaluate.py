@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: score models/model.pt on the test split; write reports/evaluate/, log to the training run."""
+"""DVC stage `evaluate`: choose post-processing for models/model.pt on the validation slices, score the
+test split once, write reports/evaluate/ and models/emseg.pt (weights + post-processing), log to the run."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ from pathlib import Path
 
 from emseg import tracking
 from emseg.config import load_params
-from emseg.data.prepare import load_split
-from emseg.evaluate import choose_tta, choose_watershed_h, evaluate_stack
-from emseg.fsutil import staged_files, write_json
-from emseg.model.network import load_weights
+from emseg.data.prepare import load_instances, load_split
+from emseg.evaluate import choose_tta, choose_watershed_h, evaluate_stack, runs_of
+from emseg.fsutil import atomic_file, staged_files, write_json
+from emseg.model.network import load_weights, save_weights
 from emseg.plots import plot_overlays
 from emseg.stages.prepare import PREPARED_DIR
 from emseg.stages.train import MODEL_DIR
 from emseg.stages.train import REPORT_DIR as TRAIN_REPORTS
 
 REPORT_DIR = "reports/evaluate"
+# The trained weights with the post-processing chosen for them on the validation slices: the model
+# `emseg predict` and `register` use.
+EVALUATED_MODEL = f"{MODEL_DIR}/emseg.pt"
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -27,11 +31,21 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def postprocess(cfg, threshold: float, h: float, val_images) -> dict:
+    """What turns these weights' output into a segmentation, as chosen on the validation slices."""
+    ins = cfg.instances
+    return {"threshold": float(threshold), "tta": bool(cfg.inference.tta),
+            "instances": {"min_size": ins.min_size, "h": float(h), "smooth": ins.smooth},
+            "normalisation": "each stack z-scored by its own mean and standard deviation",
+            "chosen_on": f"{len(val_images)} validation slices (h among {list(ins.h_choices)}"
+                         f"{', TTA on or off' if cfg.choose_tta else ''})"}
+
+
 def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
     import mlflow
 
     params = load_params(params_path)
-    net, _ = load_weights(Path(MODEL_DIR) / "model.pt")
+    net, blob = load_weights(Path(MODEL_DIR) / "model.pt")
     # The watershed depth is chosen on the validation slices (h_choices), never on the test slices.
     vx, vy = load_split(prepared_dir, "val")
     cfg = params.evaluate
@@ -40,15 +54,21 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
         print("evaluate: flip TTA on the validation slices: "
               + ", ".join(f"{'on' if r['tta'] else 'off'} IoU {r['iou']:.4f}" for r in tta_rows)
               + f" -> {'on' if cfg.inference.tta else 'off'}")
-    h, h_rows = choose_watershed_h(net, vx, vy, cfg, params.train.threshold)
+    h, h_rows = choose_watershed_h(net, vx, vy, cfg, params.train.threshold,
+                                   instances=load_instances(prepared_dir, "val"))
     if h_rows:
         print("evaluate: watershed on the validation slices: "
               + ", ".join(f"h={r['h']:g} instance F1 {r['instance_f1']:.3f}" for r in h_rows) + f" -> h={h:g}")
     else:
         h_rows = [{"h": h, "instance_f1": None}]  # no labelled object in the validation slices: h as set
     images, labels = load_split(prepared_dir, "test")
-    ev = evaluate_stack(net, images, labels, cfg, params.train.threshold, keep=cfg.overlays, h=h)
+    test_slices = json.loads((Path(prepared_dir) / "manifest.json").read_text())["splits"]["test"]["slices"]
+    ev = evaluate_stack(net, images, labels, cfg, params.train.threshold, keep=cfg.overlays, h=h,
+                        instances=load_instances(prepared_dir, "test"), runs=runs_of(test_slices))
     m = {**ev.metrics, "tta": cfg.inference.tta}
+    post = postprocess(cfg, params.train.threshold, h, vx)
+    with atomic_file(EVALUATED_MODEL, "wb") as fh:
+        save_weights(net, fh, {"run_id": blob.get("run_id"), "postprocess": post})
     with staged_files(REPORT_DIR) as rep:
         write_json(rep / "metrics.json", m)
         _write_csv(rep / "per_slice.csv", ev.per_slice)
@@ -61,12 +81,14 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
         run_id = json.loads((Path(TRAIN_REPORTS) / "run.json").read_text())["run_id"]
         tracking.configure(params.tracking)
         with tracking.start_run(run_id=run_id):
-            mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items() if k not in ("slices", "threshold", "tta")})
-            mlflow.set_tag("evaluate_tta", str(cfg.inference.tta).lower())
+            mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items()
+                                if k not in ("slices", "threshold") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+            mlflow.set_tags({"evaluate_tta": str(cfg.inference.tta).lower(), "instance_truth": m["instance_truth"]})
             for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "watershed_h.csv", "overlays.png"):
                 if (rep / f).exists():
                     mlflow.log_artifact(str(rep / f), artifact_path="evaluation")
     print(f"evaluate: {m['slices']} test slices, foreground IoU {m['iou']:.3f}, Dice {m['dice']:.3f}, "
           f"instance F1 {m['instance_f1']:.3f} (watershed h={h:g}; connected components {m['instance_f1_connected']:.3f}), "
-          f"{m['splits']} splits, {m['merges']} merges -> {REPORT_DIR}/metrics.json; logged to run {run_id}")
+          f"{m['splits']} splits, {m['merges']} merges; true objects: {m['instance_truth']} -> {REPORT_DIR}/metrics.json; "
+          f"logged to run {run_id}; weights with their post-processing -> {EVALUATED_MODEL}")
     return m

@@ -10,10 +10,11 @@ spread), curves.png, summary.json (the comparisons of the field reports); every 
 from __future__ import annotations
 
 import tempfile
+from contextlib import ExitStack
 
 import numpy as np
 
-from emseg import tracking
+from emseg import registry, tracking
 from emseg.config import load_params
 from emseg.curves import learning_curve_markdown, series, summarise_learning_curve, write_csv
 from emseg.errors import ConfigError
@@ -61,23 +62,15 @@ def _counts(cfg, n_pool: int) -> list[int]:
     return sorted(set(counts))
 
 
-def run(params_path: str = "params.yaml") -> dict:
+def _points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -> list[dict]:
     import mlflow
     from tqdm.auto import tqdm
 
     from emseg.active.loop import pixel_iou
     from emseg.model.module import ArraySplits
     from emseg.model.train import fit
-    from emseg.plots import plot_mean_band
 
-    params = load_params(params_path)
     cfg = params.learning_curve
-    source, x, y, val_idx, pool, tx, ty = load_target(params)
-    counts = _counts(cfg, len(pool))
-    tracking.configure(params.tracking.model_copy(update={"experiment": f"{params.tracking.experiment}-learning-curve"}))
-    weights = None
-    if "pretrained" in cfg.inits:
-        weights = tracking.download_weights(cfg.pretrained_uri)  # once, not per run
     points = []
     bar = tqdm(total=len(counts) * len(cfg.inits) * len(cfg.seeds), desc="learning curve", unit="run")
     for init in cfg.inits:
@@ -108,6 +101,23 @@ def run(params_path: str = "params.yaml") -> dict:
                 bar.update()
                 bar.set_postfix_str(f"{init} {n} slices seed {seed}: IoU {iou:.3f}")
     bar.close()
+    return points
+
+
+def run(params_path: str = "params.yaml") -> dict:
+    import mlflow
+
+    from emseg.plots import plot_mean_band
+
+    params = load_params(params_path)
+    cfg = params.learning_curve
+    source, x, y, val_idx, pool, tx, ty = load_target(params)
+    counts = _counts(cfg, len(pool))
+    tracking.configure(params.tracking.model_copy(update={"experiment": f"{params.tracking.experiment}-learning-curve"}))
+    with ExitStack() as stack:  # the pretrained weights are fetched once, not per run, and removed at the end
+        weights = (stack.enter_context(registry.fetched_weights(cfg.pretrained_uri))
+                   if "pretrained" in cfg.inits else None)
+        points = _points(params, x, y, val_idx, pool, tx, ty, counts, source, weights)
     table, summary = summarise_learning_curve(points)
     summary["data"] = {"source": source, "scale": cfg.scale, "val_slices": val_idx, "test_slices": len(tx)}
     with staged_files(REPORT_DIR) as rep:

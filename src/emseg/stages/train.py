@@ -28,7 +28,7 @@ def checkpoint_dir(params, prepared_dir: str, lr: float, batch_size: int) -> Pat
     """Where a run keeps its Lightning checkpoints: one folder per data + settings, so an interrupted
     run is resumed only by the same run, never by one with other data or params."""
     manifest = (Path(prepared_dir) / "manifest.json").read_bytes()
-    spec = json.dumps({"model": params.model.model_dump(), "train": params.train.model_dump(), "seed": params.seed,
+    spec = json.dumps({"model": params.model.model_dump(), "train": params.train.identity(), "seed": params.seed,
                        "lr": lr, "batch_size": batch_size}, sort_keys=True).encode()
     return Path(CHECKPOINT_ROOT) / f"train-{hashlib.sha256(manifest + spec).hexdigest()[:12]}"
 
@@ -43,9 +43,15 @@ def effective_hparams(params, best_params_path: str = BEST_PARAMS) -> tuple[floa
 
 
 def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
+    from emseg.registry import local_init
+
+    with local_init(load_params(params_path)) as params:  # registry init weights fetched once
+        return _run(params, params_path, prepared_dir)
+
+
+def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
     import mlflow
 
-    params = load_params(params_path)
     manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
     lr, batch_size, origin = effective_hparams(params)
     tracking.configure(params.tracking)

@@ -27,8 +27,8 @@ BEST_PARAMS = f"{REPORT_DIR}/best_params.json"
 def study_name(params, prepared_dir: str) -> str:
     manifest = (Path(prepared_dir) / "manifest.json").read_bytes()
     spec = json.dumps({"model": params.model.model_dump(),
-                       "train": params.train.model_dump(exclude={"lr", "batch_size", "use_tuned", "max_epochs",
-                                                                 "max_minutes", "num_workers"}),
+                       "train": params.train.identity(lr=True, batch_size=True, use_tuned=True, max_epochs=True,
+                                                      max_minutes=True, num_workers=True),
                        "tune": params.tune.model_dump(include={"epochs_per_trial", "minutes_per_trial", "lr_min",
                                                                "lr_max", "batch_sizes"}),
                        "seed": params.seed}, sort_keys=True).encode()
@@ -97,6 +97,13 @@ def _plots(study, out: Path) -> list[Path]:
 
 
 def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
+    from emseg.registry import local_init
+
+    with local_init(load_params(params_path)) as params:  # registry init weights fetched once
+        return _run(params, params_path, prepared_dir)
+
+
+def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
     import mlflow
     import optuna
     from optuna.trial import TrialState
@@ -105,7 +112,6 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     from emseg import tracking
     from emseg.model.train import CURVE_KEYS, fit
 
-    params = load_params(params_path)
     cfg = params.tune
     tracking.configure(params.tracking)
     # ERROR: a failing trial is reported once, as emseg's one-line error, not also as Optuna's traceback.

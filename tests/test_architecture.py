@@ -1,0 +1,106 @@
+"""The package's shape, read from its source: no import cycle between emseg modules, and the model and
+data layers know nothing of MLflow, DVC or Optuna (only `emseg.registry` touches `models:/`)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "src" / "emseg"
+SERVICES = ("mlflow", "dvc", "optuna", "optuna_integration")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = list(f.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = f
+    return mods
+
+
+def _imports(path: Path, name: str, mods: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """(emseg modules, top-level outside packages) that a module imports anywhere in its body."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    inside, outside = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            if n.split(".")[0] == "emseg":
+                if n in mods and n != name:
+                    inside.add(n)
+            elif n:
+                outside.add(n.split(".")[0])
+    return inside, outside
+
+
+def _graph():
+    mods = _modules()
+    return {m: _imports(f, m, mods) for m, f in mods.items()}
+
+
+def test_no_import_cycle_between_emseg_modules():
+    graph = {m: {d for d in deps if not m.startswith(d + ".") and d != "emseg"} for m, (deps, _) in _graph().items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_model_and_data_layers_import_no_tracking_or_pipeline_service():
+    offenders = {m: sorted(out & set(SERVICES)) for m, (deps, out) in _graph().items()
+                 if m.startswith(("emseg.model", "emseg.data")) and out & set(SERVICES)}
+    assert not offenders, offenders
+    reach = {m: sorted(d for d in deps if d in ("emseg.tracking", "emseg.registry") or d.startswith("emseg.stages"))
+             for m, (deps, _) in _graph().items() if m.startswith(("emseg.model", "emseg.data"))}
+    assert not any(reach.values()), {m: r for m, r in reach.items() if r}
+
+
+def test_only_the_registry_module_spells_the_registry_prefix():
+    spelled = sorted(str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py")
+                     if '"models:/' in f.read_text() and f.name != "registry.py")
+    # config.py names the default pretrained URI as a value, cli.py in --help text: values, not lookups.
+    assert set(spelled) <= {"config.py", "cli.py"}, spelled
+
+
+def test_the_checks_see_a_cycle_and_a_service_import(tmp_path, monkeypatch):
+    """The graph reader itself: a planted cycle and a planted MLflow import are found."""
+    pkg = tmp_path / "emseg"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from emseg import b\n")
+    (pkg / "b.py").write_text("def f():\n    from emseg.a import x\n")
+    (pkg / "model" / "net.py").write_text("def g():\n    import mlflow\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
+    import pytest
+
+    with pytest.raises(AssertionError, match="import cycle: emseg.a -> emseg.b -> emseg.a"):
+        test_no_import_cycle_between_emseg_modules()
+    with pytest.raises(AssertionError, match="mlflow"):
+        test_model_and_data_layers_import_no_tracking_or_pipeline_service()
