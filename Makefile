@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup browser test test-fast bench ui
+.PHONY: setup browser lint test test-fast bench ui
 
 setup: $(VENV)/.installed browser
 
@@ -22,7 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]" 2>&1 | grep -v "is ignored: it is neither a file" ; exit $${PIPESTATUS[0]}
 	touch $@
 
-test: setup
+# Pyflakes and pycodestyle errors (settings in pyproject.toml); part of `make test`.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks pipelines
+
+test: setup lint
 	$(BIN)/python -m pytest -q --timeout=1500 --durations=12
 
 test-fast: setup

@@ -3,8 +3,8 @@
 Both read the stack slice by slice and write probabilities; the naive loop predicts each whole slice
 in one pass. Two tiled settings: emseg's default (1024-px tiles, 128 overlap: a 768x1024 slice fits
 one tile, so this measures the blending machinery's overhead) and forced 512-px tiles with 64 overlap
-(6 tiles per slice, 2x the pixels: the cost of real tiling). No instance step: inference alone. Runs alternate A B A B; whole-process wall time and peak
-memory are measured for each.
+(6 tiles per slice, 2x the pixels: the cost of real tiling). No instance step: inference alone.
+Runs alternate A B A B; whole-process wall time and peak memory are measured for each.
 Run: .venv/bin/python benchmarks/bench_predict.py [weights.pt]
 """
 

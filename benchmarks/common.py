@@ -18,7 +18,8 @@ BIN = str(Path(sys.executable).parent)
 
 
 def machine() -> str:
-    return f"{platform.node()} {os.cpu_count()} CPU, {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node()} {os.cpu_count()} CPU, {cpu}, Python {platform.python_version()}"
 
 
 def run_measured(cmd: list[str], cwd: Path, env: dict | None = None) -> dict:

@@ -173,7 +173,7 @@ def _check(ws: Path, argv: list[str], outputs: list[str], command: str) -> None:
 
 @settings(max_examples=60, **SETTINGS)
 @given(case=st.one_of(cases("predict"), cases("suggest")))
-def test_predict_and_suggest_keep_every_invariant(weights, case):
+def test_predict_and_suggest_keep_every_invariant(weights, case):  # noqa: F811 (the fixture)
     with tempfile.TemporaryDirectory() as d:
         ws = Path(d)
         inp = _write_stack(ws / "stack", _slices(case["dtype"], case["n"], _IMG), case)

@@ -102,7 +102,8 @@ def _suggest(args: argparse.Namespace) -> None:
                 strategy=args.strategy, every=args.every, mc_passes=args.mc_passes, blank=args.blank, model_ref=ref,
                 overwrite=args.overwrite)
     where = ", ".join(f"slice {r['slice']} ({r['y']},{r['x']})" for r in s["suggestions"][:3])
-    print(f"suggest: {s['k']} {args.unit + ('es' if args.unit == 'patch' else 's')} of {s['size']} px to label ({args.strategy}; top: {where}) -> "
+    units = args.unit + ('es' if args.unit == 'patch' else 's')
+    print(f"suggest: {s['k']} {units} of {s['size']} px to label ({args.strategy}; top: {where}) -> "
           f"{args.output}/suggestions.csv; paint the *_labels.tif templates (255 object, 0 background, "
           f"{args.blank} blank) and run dvc repro")
 

@@ -117,7 +117,7 @@ def _write_tiffs(tmp: Path, shape: tuple[int, int, int], pages) -> dict:
     labels_mm.flush()
     with tifffile.TiffWriter(tmp / "instances.tif") as tw:
         tw.write((labels_mm[z] for z in range(n)), shape=shape, dtype=np.uint32, **tiff)
-    del labels_mm
+    labels_mm = None  # close the map (the closure above shares this name) before its file goes
     (tmp / "instances.npy").unlink()
     return {"probabilities.tif": "uint8, probability x 255", "instances.tif": "uint32 labels"}
 

@@ -38,7 +38,7 @@ class SegmentationNet(nn.Module):
             raise ConfigError(f"{source}: not a network spec emseg can build (missing or unknown {exc})") from None
         try:
             self.net = arch(**kwargs)
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError):
             raise ConfigError(f"{source}.encoder: {spec['encoder']!r} is not an encoder smp knows "
                               "(segmentation_models_pytorch.encoders.get_encoder_names() lists them)") from None
         self.dropout = nn.Dropout2d(spec.get("dropout", 0.0))
