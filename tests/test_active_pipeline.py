@@ -69,8 +69,14 @@ def test_suggest_then_painted_labels_join_the_next_dvc_repro(repro_project, tmp_
     shutil.copytree(good, proj, symlinks=True)
     out = proj / "annotations" / "round-1"
     stack = EPFL / "training.tif"
-    proc = run_cli(["emseg", "suggest", str(stack), str(out), "--model", "models:/emseg-unet@champion", "-k", "3",
-                    "--patch-size", "128", "--every", "40"], proj, check=True)
+    # -k and --patch-size left out: params.yaml's `active` section (query 3 here, patch_size 128) decides.
+    import yaml
+
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    raw["active"] = {**raw.get("active", {}), "query": 3, "patch_size": 128}
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = run_cli(["emseg", "suggest", str(stack), str(out), "--model", "models:/emseg-unet@champion",
+                    "--every", "40"], proj, check=True)
     assert "suggest: 3 patches of 128 px" in proc.stdout
     meta = json.loads((out / "suggestions.json").read_text())
     rows = list(csv.DictReader(open(out / "suggestions.csv")))

@@ -196,6 +196,13 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
         outs[name] = [tifffile.imread(tmp_path / f"vnc-{name}" / f) for f in ("probabilities.tif", "instances.tif")]
     assert outs["file"][1].shape == (2, 1024, 1024)
     assert all(np.array_equal(a, b) for a, b in zip(outs["file"], outs["registry"]))
+    picks = {}
+    for name, model in (("file", str(proj / "models" / "emseg.pt")), ("registry", f"models:/emseg-unet/{version}")):
+        run_cli(["emseg", "suggest", str(folder), str(tmp_path / f"suggest-{name}"), "--model", model, "-k", "3"],
+                proj, check=True)
+        rows = (tmp_path / f"suggest-{name}" / "suggestions.csv").read_text().splitlines()
+        picks[name] = rows
+    assert len(picks["file"]) == 4 and picks["file"] == picks["registry"]  # same patches, same scores
     h_file = json.loads((tmp_path / "vnc-file" / "summary.json").read_text())["instances"]["h"]
     assert h_file != 7.5 and h_file == float(mlflow_client(proj).get_model_version("emseg-unet", str(version))
                                              .tags["watershed_h"])

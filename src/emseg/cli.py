@@ -42,13 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("input", help="multi-page TIFF or folder of 2D TIFF/PNG slices")
     sg.add_argument("output", help="new folder (put it under annotations/ to train on it once painted)")
     sg.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a weights .pt file")
-    sg.add_argument("-k", type=int, default=8, help="how many to suggest (default 8)")
+    # Unset flags take their values from the `active` section of params.yaml (or its schema defaults
+    # outside a project), the settings the active-learning simulation measured.
+    sg.add_argument("-k", type=int, default=None, help="how many to suggest (default: active.query)")
     sg.add_argument("--unit", choices=("patch", "slice"), default="patch")
-    sg.add_argument("--patch-size", type=int, default=256)
+    sg.add_argument("--patch-size", type=int, default=None, help="patch side in px (default: active.patch_size)")
     sg.add_argument("--strategy", default="entropy",
                     help="entropy (default), least_confidence, bald, hybrid, coreset, kmeans or random")
     sg.add_argument("--every", type=int, default=1, help="score every Nth slice (default: all)")
-    sg.add_argument("--mc-passes", type=int, default=8, help="Monte Carlo dropout passes for bald")
+    sg.add_argument("--mc-passes", type=int, default=None,
+                    help="Monte Carlo dropout passes for bald (default: active.mc_passes)")
     sg.add_argument("--blank", type=int, default=128, help="value of unpainted template pixels (default 128)")
     sg.add_argument("--overwrite", action="store_true", help="replace an existing folder whose templates are unpainted")
     return p
@@ -93,14 +96,20 @@ def _load_model(args: argparse.Namespace, params):
 def _suggest(args: argparse.Namespace) -> None:
     from emseg.active.suggest import suggest
 
+    from emseg.config import ActiveParams
+
+    params = _optional_params(args)
+    active = params.active if params else ActiveParams()
+    for flag, key in (("k", "query"), ("patch_size", "patch_size"), ("mc_passes", "mc_passes")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(active, key))
     if args.k < 1 or args.every < 1 or args.patch_size < 32 or args.mc_passes < 2:
         raise EmsegError("-k and --every must be at least 1, --patch-size at least 32, --mc-passes at least 2")
-    params = _optional_params(args)
     _claim(args)
     net, ref, _ = _load_model(args, params)
     s = suggest(net, args.input, args.output, k=args.k, unit=args.unit, patch_size=args.patch_size,
                 strategy=args.strategy, every=args.every, mc_passes=args.mc_passes, blank=args.blank, model_ref=ref,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, max_overlap=active.max_overlap, z_gap=active.z_gap, stride=active.stride)
     where = ", ".join(f"slice {r['slice']} ({r['y']},{r['x']})" for r in s["suggestions"][:3])
     units = args.unit + ('es' if args.unit == 'patch' else 's')
     print(f"suggest: {s['k']} {units} of {s['size']} px to label ({args.strategy}; top: {where}) -> "

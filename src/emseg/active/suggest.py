@@ -36,10 +36,10 @@ def _slices_to_score(n: int, every: int) -> list[int]:
     return list(range(0, n, every))
 
 
-def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 8, unit: str = "patch",
-            patch_size: int = 256, strategy: str = "entropy", every: int = 1, mc_passes: int = 8,
+def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 4, unit: str = "patch",
+            patch_size: int = 128, strategy: str = "entropy", every: int = 1, mc_passes: int = 8,
             blank: int = BLANK, model_ref: str = "", seed: int = 0, max_overlap: float = 0.25,
-            z_gap: int = 2, progress: bool = True, overwrite: bool = False) -> dict:
+            z_gap: int = 1, progress: bool = True, overwrite: bool = False, stride: int | None = None) -> dict:
     claim_output(output, overwrite, inputs=[input_path])
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -61,7 +61,7 @@ def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 8, unit
     # One slice at a time, keeping only patch scores and features: memory does not grow with the stack.
     for z, raw in zip(tqdm(zs, desc="suggest: score slices", unit="slice", disable=not progress), read_slices(info, zs)):
         img = normalise(raw, mean, std)[None]
-        local = (grid_candidates(1, H, W, size, max(size // 2, 1)) if unit == "patch"
+        local = (grid_candidates(1, H, W, size, stride or max(size // 2, 1)) if unit == "patch"
                  else Candidates(np.array([[0, 0, 0]]), min(H, W)))
         pool = score_pool(net, img, local, passes, progress=False, keep_maps=unit == "slice")
         for key in scores:
