@@ -146,8 +146,11 @@ def test_painted_labels_anywhere_below_are_never_replaced(user, weights):
 
 
 def _start_predict(cwd: Path, weights: Path, out: str) -> subprocess.Popen:
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps that
+    # (as it should); give the child the default disposition so the test does not depend on how pytest ran.
     return subprocess.Popen(["emseg", "predict", "--model", str(weights), "big.tif", out], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_temporary(parent: Path, proc: subprocess.Popen) -> Path:
