@@ -104,3 +104,26 @@ def test_the_checks_see_a_cycle_and_a_service_import(tmp_path, monkeypatch):
         test_no_import_cycle_between_emseg_modules()
     with pytest.raises(AssertionError, match="mlflow"):
         test_model_and_data_layers_import_no_tracking_or_pipeline_service()
+
+
+def test_derived_training_settings_are_validated_and_name_their_section():
+    """The further pipelines derive their training settings through config.derive: the schema checks
+    them again (cross-field checks too), and an error names the section the values came from."""
+    import pytest
+
+    from emseg.active.loop import round_params
+    from emseg.config import derive, load_params
+    from emseg.errors import ConfigError
+
+    params = load_params(ROOT / "params.yaml")
+    assert derive(params, {}, "x") == params
+    got = derive(params, {"train": {"lr": 1e-4, "init": {"mode": "scratch"}}}, "x")
+    assert got.train.lr == 1e-4 and got.train.patch_size == params.train.patch_size  # merged, not replaced
+    with pytest.raises(ConfigError, match=r"^params.yaml: pretrain \(.*\): train.patch_sise: unknown key$"):
+        derive(params, {"train": {"patch_sise": 256}}, "params.yaml: pretrain (its settings as train.*)")
+    small = derive(params, {"model": {"input_scale": 0.25}}, "x")
+    with pytest.raises(ConfigError, match="active .*train.patch_size: 64 px at model.input_scale 0.25 leaves 16 px"):
+        round_params(small, small.active.model_copy(update={"patch_size": 64}), epochs=1, seed=0)
+    # No pipeline builds training settings with pydantic's unvalidated model_copy any more.
+    for rel in ("stages/pretrain.py", "stages/learning_curve.py", "active/loop.py"):
+        assert "train.model_copy(" not in (ROOT / "src/emseg" / rel).read_text(), rel

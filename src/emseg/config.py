@@ -348,6 +348,22 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     return params
 
 
+def derive(params: Params, changes: dict[str, Any], source: str) -> Params:
+    """These params with ``changes`` (nested like params.yaml: ``{"train": {"lr": 1e-3}}``) merged in and
+    validated again by the schema, cross-field checks included: the one way the further pipelines
+    (pretraining, learning curves, active learning) derive their training settings. A misspelt key or
+    a bad value fails with one line that starts with ``source``, the section the values came from."""
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            both = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = merge(out[key], value) if both else value
+        return out
+
+    return parse_params(merge(params.model_dump(), changes), source)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

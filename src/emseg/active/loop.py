@@ -18,7 +18,7 @@ import numpy as np
 from emseg import IGNORE
 from emseg.active.pool import score_pool
 from emseg.active.strategies import Candidates, grid_candidates, select, select_random
-from emseg.config import ActiveParams, Params
+from emseg.config import ActiveParams, Params, derive
 from emseg.inference import predict_tiled
 from emseg.metrics import add_counts, confusion, scores
 
@@ -68,12 +68,10 @@ def pixel_iou(net, images, labels, tile: int = 1024) -> float:
 
 def round_params(params: Params, cfg: ActiveParams, epochs: int, seed: int) -> Params:
     """The training settings of one round: the project's, with the active-learning budget on top."""
-    train = params.train.model_copy(update={
+    return derive(params, {"seed": seed, "model": {"dropout": cfg.dropout}, "train": {
         "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch, "batch_size": cfg.batch_size,
         "lr": cfg.lr, "max_epochs": epochs, "early_stopping_patience": epochs, "use_tuned": False,
-        "max_minutes": None})
-    model = params.model.model_copy(update={"dropout": cfg.dropout})
-    return params.model_copy(update={"train": train, "model": model, "seed": seed})
+        "max_minutes": None}}, "params.yaml: active (its settings as train.* and model.dropout)")
 
 
 def _train(params: Params, cfg: ActiveParams, data: ActiveData, cands: Candidates, labelled: list[int],

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from emseg import registry, tracking
-from emseg.config import load_params
+from emseg.config import derive, load_params
 from emseg.curves import learning_curve_markdown, series, summarise_learning_curve, write_csv
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
@@ -77,15 +77,15 @@ def _points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -> lis
         for n in counts:
             for seed in cfg.seeds:
                 chosen = sorted(np.random.default_rng([seed, n]).choice(pool, n, replace=False).tolist())
-                init_p = (params.train.init.model_copy(update={"mode": "checkpoint", "path": str(weights)})
-                          if init == "pretrained" else params.train.init.model_copy(update={"mode": "scratch"}))
-                train = params.train.model_copy(update={
+                init_p = ({"mode": "checkpoint", "path": str(weights)} if init == "pretrained"
+                          else {"mode": "scratch"})
+                p = derive(params, {"seed": seed, "train": {
                     "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch,
                     "batch_size": cfg.batch_size, "lr": cfg.lr, "max_epochs": cfg.epochs, "use_tuned": False,
                     "early_stopping_patience": cfg.epochs, "max_minutes": None, "init": init_p,
                     "freeze_encoder_epochs": cfg.freeze_encoder_epochs if init == "pretrained" else 0,
-                    "encoder_lr_factor": cfg.encoder_lr_factor if init == "pretrained" else 1.0})
-                p = params.model_copy(update={"train": train, "seed": seed})
+                    "encoder_lr_factor": cfg.encoder_lr_factor if init == "pretrained" else 1.0}},
+                    "params.yaml: learning_curve (its settings as train.*)")
                 with tracking.start_run(run_name=f"{init}-{n}sl-seed{seed}",
                                         tags={"labelled_slices": str(n), "init": init, "seed": str(seed),
                                               "dataset": source, "emseg.pipeline": "learning_curve"}):

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from emseg import tracking
-from emseg.config import load_params
+from emseg.config import derive, load_params
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
 
@@ -61,11 +61,11 @@ def run(params_path: str = "params.yaml") -> dict:
     if not cfg.sources:
         raise ConfigError(f"{params_path}: pretrain.sources: at least one source dataset is required")
     train, val, desc = load_sources(params)
-    p = params.model_copy(update={"train": params.train.model_copy(update={
+    p = derive(params, {"train": {
         "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch, "batch_size": cfg.batch_size,
         "lr": cfg.lr, "max_epochs": cfg.max_epochs, "max_minutes": cfg.max_minutes, "use_tuned": False,
         "early_stopping_patience": cfg.max_epochs, "freeze_encoder_epochs": 0, "encoder_lr_factor": 1.0,
-        "init": params.train.init.model_copy(update={"mode": "scratch"})})})
+        "init": {"mode": "scratch"}}}, f"{params_path}: pretrain (its settings as train.*)")
     tracking.configure(params.tracking.model_copy(update={"experiment": f"{params.tracking.experiment}-pretrain"}))
     names = "+".join(d["name"] for d in desc)
     with tracking.start_run(run_name=f"pretrain-{names}") as run:
