@@ -49,7 +49,8 @@ def pack(profile: Path, init: Path | None) -> None:
     prepared = proj / "data" / "prepared"
     shutil.copy(prepared / "manifest.json", PACK / "prepared")
     for name in ("train_images", "train_labels", "val_images", "val_labels"):
-        with open(prepared / f"{name}.npy", "rb") as src, gzip.open(PACK / "prepared" / f"{name}.npy.gz", "wb", 1) as dst:
+        with open(prepared / f"{name}.npy", "rb") as src, \
+                gzip.open(PACK / "prepared" / f"{name}.npy.gz", "wb", 1) as dst:
             shutil.copyfileobj(src, dst)
     if init is not None:
         shutil.copy(init, PACK / "init.pt")

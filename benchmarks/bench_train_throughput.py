@@ -47,7 +47,8 @@ class StepTimer(Callback):
 
 def lightning_run(params, prep) -> float:
     L.seed_everything(0, verbose=False)
-    module = SegmentationModule(model_spec(params.model), lr=1e-3, weight_decay=1e-4, loss=params.train.loss.model_dump())
+    module = SegmentationModule(model_spec(params.model), lr=1e-3, weight_decay=1e-4,
+                                loss=params.train.loss.model_dump())
     dm = EMDataModule(prep, params.train, BATCH, 0)
     timer = StepTimer()
     trainer = L.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[timer], logger=False, enable_checkpointing=False,

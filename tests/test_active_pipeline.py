@@ -29,7 +29,8 @@ def test_active_learning_pipeline_on_epfl_tracks_every_round(tmp_path, shared):
     rep = proj / "reports" / "active_learning"
     rows = list(csv.DictReader(open(rep / "curves.csv")))
     assert len(rows) == 7 * 2
-    assert {r["strategy"] for r in rows} == {"random", "entropy", "least_confidence", "bald", "kmeans", "coreset", "hybrid"}
+    assert {r["strategy"] for r in rows} == {"random", "entropy", "least_confidence", "bald", "kmeans", "coreset",
+                                             "hybrid"}
     for r in rows:
         n = int(r["labelled"])
         assert n == (2 if r["round"] == "0" else 4)

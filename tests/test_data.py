@@ -163,7 +163,8 @@ def _painted_round(folder, stack_path, z):
     tifffile.imwrite(folder / "01_labels.tif", lab)
     meta = {"blank": 128, "normalisation": {"mean": 100.0, "std": 30.0}, "input": str(stack_path),
             "input_sha256": sha256_of(stack_path),
-            "suggestions": [{"rank": 1, "slice": z, "y": 0, "x": 0, "image": "01_image.tif", "labels": "01_labels.tif"}]}
+            "suggestions": [{"rank": 1, "slice": z, "y": 0, "x": 0, "image": "01_image.tif",
+                             "labels": "01_labels.tif"}]}
     (folder / "suggestions.json").write_text(json.dumps(meta))
 
 

@@ -249,7 +249,8 @@ def test_huge_values_are_refused_by_fetch_before_anything_is_versioned(tmp_path)
     img = tifffile.imread(EPFL / "training.tif", key=range(10))[:, :128, :128].astype(np.float32)
     img[3, 0, 0] = -3e38
     tifffile.imwrite(tmp_path / "img.tif", img)
-    tifffile.imwrite(tmp_path / "lab.tif", tifffile.imread(EPFL / "training_groundtruth.tif", key=range(10))[:, :128, :128])
+    tifffile.imwrite(tmp_path / "lab.tif",
+                     tifffile.imread(EPFL / "training_groundtruth.tif", key=range(10))[:, :128, :128])
     proj = _tiff_project(tmp_path, tmp_path / "img.tif", tmp_path / "lab.tif")
     one_line(emseg(proj, "fetch"), "img.tif slice 3: image holds values up to 3e+38")
     assert not (proj / "data" / "raw").exists() and not [p for p in (proj / "data").glob(".*")]

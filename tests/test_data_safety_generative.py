@@ -157,8 +157,9 @@ def _check(ws: Path, argv: list[str], outputs: list[str], command: str) -> None:
     rc, err = _run(argv, ws)
     after = tree(ws)
     assert rc in (0, 1), (rc, err)
-    event(f"{command}: exit {rc}" + (f" ({err.strip().splitlines()[-1].split(': error: ')[-1].split(':')[-1][:40].strip()})"
-                                      if rc else ""))
+    event(f"{command}: exit {rc}"
+          + (f" ({err.strip().splitlines()[-1].split(': error: ')[-1].split(':')[-1][:40].strip()})"
+             if rc else ""))
     lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln and "it/s]" not in ln]
     if rc == 1:
         assert len(lines) == 1 and lines[0].startswith(f"emseg {command}: error: "), err

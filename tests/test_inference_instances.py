@@ -210,7 +210,8 @@ def test_true_objects_are_followed_through_the_stack_in_3d():
     vol[0, 20:29, 16:57] = 1
     pred = vol.copy()
     pred[0, 20:29, 25:48] = 0
-    cfg3, cfg2 = (parse_params({"evaluate": {"instances": {"truth": t, "h_choices": []}}}).evaluate for t in ("3d", "2d"))
+    cfg3, cfg2 = (parse_params({"evaluate": {"instances": {"truth": t, "h_choices": []}}}).evaluate
+                  for t in ("3d", "2d"))
     perfect = evaluate_stack(_MaskNet(), vol.astype(np.float32), vol, cfg3, keep=0, progress=False).metrics
     assert perfect["instance_truth"].startswith("3D") and perfect["instance_f1_connected"] == 1.0
     cut3 = evaluate_stack(_MaskNet(), pred.astype(np.float32), vol, cfg3, keep=0, progress=False).metrics

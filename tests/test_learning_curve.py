@@ -15,7 +15,8 @@ from conftest import ISBI, VNC, epfl_project, mlflow_client, run_cli
 TINY_LC = {
     "model": {"decoder_channels": [64, 32, 16, 16, 8]},
     "pretrain": {"sources": [
-        {"name": "vnc-mitochondria", "image": str(VNC / "stack1_raw.tif"), "labels": str(VNC / "stack1_mitochondria.tif"),
+        {"name": "vnc-mitochondria", "image": str(VNC / "stack1_raw.tif"),
+         "labels": str(VNC / "stack1_mitochondria.tif"),
          "scale": 0.25, "val_slices": 1},
         {"name": "isbi-membranes", "image": str(ISBI / "train-volume.tif"), "labels": str(ISBI / "train-labels.tif"),
          "scale": 0.5, "invert": True, "val_slices": 1}],
@@ -69,12 +70,14 @@ def test_fine_tuning_keeps_the_encoder_frozen_for_the_first_epochs(tmp_path):
     x = g.standard_normal((2, 64, 64)).astype(np.float32)
     y = (x > 0.5).astype(np.uint8)
     params = Params.model_validate({"model": {"encoder": "resnet18", "decoder_channels": [32, 16, 8, 8, 8]},
-                                    "train": {"patch_size": 32, "patches_per_epoch": 8, "batch_size": 4, "max_epochs": 1,
+                                    "train": {"patch_size": 32, "patches_per_epoch": 8, "batch_size": 4,
+                                              "max_epochs": 1,
                                               "freeze_encoder_epochs": 1, "augment": {"elastic": 0}}})
     start = SegmentationNet(params.model.model_dump())
     res = fit(params, ArraySplits(x, y, x[:1], y[:1]), tmp_path, lr=0.01, batch_size=4, progress=False,
               checkpoints=False, start_from=start)
-    enc0 = {k: v for k, v in start.state_dict().items() if ".encoder." in k and "running" not in k and "num_batches" not in k}
+    enc0 = {k: v for k, v in start.state_dict().items()
+            if ".encoder." in k and "running" not in k and "num_batches" not in k}
     enc1 = {k: v for k, v in res.net.state_dict().items() if k in enc0}
     assert all(torch.equal(enc0[k], enc1[k]) for k in enc0)  # frozen: not one encoder weight moved
     dec0 = start.state_dict()["net.segmentation_head.0.weight"]
@@ -107,7 +110,8 @@ def test_unfrozen_encoder_trains_in_train_mode_after_the_frozen_epochs(tmp_path)
     x = g.standard_normal((2, 64, 64)).astype(np.float32)
     y = (x > 0.5).astype(np.uint8)
     params = Params.model_validate({"model": {"encoder": "resnet18", "decoder_channels": [32, 16, 8, 8, 8]},
-                                    "train": {"patch_size": 32, "patches_per_epoch": 8, "batch_size": 4, "max_epochs": 3,
+                                    "train": {"patch_size": 32, "patches_per_epoch": 8, "batch_size": 4,
+                                              "max_epochs": 3,
                                               "early_stopping_patience": 5, "freeze_encoder_epochs": 1,
                                               "augment": {"elastic": 0}}})
     modes = Modes()

@@ -133,7 +133,8 @@ def test_short_training_predicts_right_in_eval_mode_and_repeats(small_prepared, 
     assert s["iou"] > 0.3, s  # not collapsed to background
     assert abs(s["iou"] - res.best_score) < 0.1  # the checkpointed score is what eval mode gives
     assert [r["epoch"] for r in res.history] == list(range(res.epochs))
-    assert all({"train_loss", "val_loss", "train_iou", "val_iou", "train_acc", "val_acc"} <= set(r) for r in res.history)
+    assert all({"train_loss", "val_loss", "train_iou", "val_iou", "train_acc", "val_acc"} <= set(r)
+               for r in res.history)
     again = fit(params, small_prepared, tmp_path / "b", lr=3e-3, batch_size=8, progress=False)
     assert again.history[0]["train_loss"] == pytest.approx(res.history[0]["train_loss"], rel=1e-4)
 

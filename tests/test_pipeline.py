@@ -28,7 +28,8 @@ def test_dvc_repro_runs_prepare_tune_train_and_tracks_everything(repro_project):
     assert metrics["lr"] == pytest.approx(best["lr"]) and metrics["batch_size"] == best["batch_size"]
     assert (proj / "models/model.pt").stat().st_size > 1e6
     hist = (proj / "reports/train/history.csv").read_text().splitlines()
-    assert hist[0] == "epoch,train_loss,val_loss,train_acc,val_acc,train_iou,val_iou" and len(hist) == 1 + metrics["epochs"]
+    assert (hist[0] == "epoch,train_loss,val_loss,train_acc,val_acc,train_iou,val_iou"
+            and len(hist) == 1 + metrics["epochs"])
     assert "up to date" in run_cli(["dvc", "status", "dvc.yaml"], proj, check=True).stdout.lower()
 
     client = mlflow_client(proj)
@@ -114,7 +115,8 @@ def test_evaluate_and_register_promote_like_for_like_and_a_worse_run_does_not_ta
     real = json.loads((proj / "reports/register/registration.json").read_text())
     # A label stack without object labels: its objects are followed through the 4 test slices in 3D.
     real_metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())
-    assert real_metrics["instance_truth"].startswith("3D connected components") and real_metrics["instance_objects"] == "3d"
+    assert (real_metrics["instance_truth"].startswith("3D connected components")
+            and real_metrics["instance_objects"] == "3d")
     assert not (proj / "data/prepared/test_instances.npy").exists()
     assert real["version"] == 2 and real["champion_version_before"] == 1
     assert real["val_iou"] > real["champion_val_iou_before"] and real["promoted"]

@@ -165,7 +165,8 @@ BAD_PARAMS = {
     "patch_larger_than_image": ({"train": {"patch_size": 512}}, "train.patch_size: 512 is larger than the slices ("),
     "lr_zero": ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0"),
     "batch_negative": ({"train": {"batch_size": -4}}, "train.batch_size: Input should be greater than 0"),
-    "unknown_encoder": ({"model": {"encoder": "efficientnet-b99"}}, "model.encoder: 'efficientnet-b99' is not an encoder"),
+    "unknown_encoder": ({"model": {"encoder": "efficientnet-b99"}},
+                        "model.encoder: 'efficientnet-b99' is not an encoder"),
 }
 
 
@@ -227,7 +228,8 @@ def test_disk_full_while_predicting_is_one_line_and_leaves_nothing(repro_project
 
     proj, _ = repro_project
     stack = tmp_path / "in.tif"
-    tifffile.imwrite(stack, tifffile.imread(shared / "isbi2012" / "train-volume.tif", key=range(4)), photometric="minisblack")
+    tifffile.imwrite(stack, tifffile.imread(shared / "isbi2012" / "train-volume.tif", key=range(4)),
+                     photometric="minisblack")
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)],

@@ -66,7 +66,8 @@ def test_epfl_checksum_mismatch_is_refused(tmp_path, epfl_server):
 
 def test_epfl_offline_gives_clear_error_not_hang(tmp_path):
     params = _epfl("http://127.0.0.1:9", tmp_path / "cache")
-    with pytest.raises(DownloadError, match="not available from any mirror: http://127.0.0.1:9/training.tif: cannot download"):
+    with pytest.raises(DownloadError,
+                       match="not available from any mirror: http://127.0.0.1:9/training.tif: cannot download"):
         ensure_epfl_file("training.tif", params.epfl)
 
 

@@ -20,11 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="validate raw stacks, choose slices, write data/prepared")
     sub.add_parser("tune", help="Optuna study over learning rate and batch size (resumable)")
     sub.add_parser("train", help="train the network, track the run in MLflow")
-    sub.add_parser("evaluate", help="score the trained model on the test split, log to its MLflow run")
-    sub.add_parser("register", help="register the model; move alias champion only if its test IoU is better")
+    sub.add_parser("evaluate", help="choose post-processing on validation, score the test split once, "
+                                    "write models/emseg.pt, log to its MLflow run")
+    sub.add_parser("register", help="register models/emseg.pt; move alias champion only if it beats the "
+                                    "champion on this run's validation slices")
     sub.add_parser("active-learning", help="simulate active-learning strategies (pipelines/active_learning)")
     sub.add_parser("pretrain", help="train on other EM datasets, register as @pretrained (pipelines/pretrain)")
-    sub.add_parser("learning-curve", help="test IoU against labelled slices, scratch vs pretrained (pipelines/learning_curve)")
+    sub.add_parser("learning-curve",
+                   help="test IoU against labelled slices, scratch vs pretrained (pipelines/learning_curve)")
     pr = sub.add_parser("promote", help="point an alias of a registered model at a version")
     pr.add_argument("name")
     pr.add_argument("version")
@@ -142,7 +145,8 @@ def _predict(args: argparse.Namespace) -> None:
     inference = ev.inference.model_copy(update={"tta": args.tta or tta})
     s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
                           threshold=threshold, fmt=args.fmt, inference=inference, instances=instances)
-    print(f"predict: {s['shape'][0]} slices of {s['shape'][1]}x{s['shape'][2]}, {s['objects']} objects -> {args.output}")
+    print(f"predict: {s['shape'][0]} slices of {s['shape'][1]}x{s['shape'][2]}, {s['objects']} objects "
+          f"-> {args.output}")
 
 
 def _dispatch(args: argparse.Namespace) -> None:

@@ -22,7 +22,8 @@ from emseg import IGNORE
 def connected_instances(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
     mask = np.asarray(mask, bool)
     if min_size:
-        mask = remove_small_objects(mask, max_size=min_size - 1) if _new_skimage() else remove_small_objects(mask, min_size)
+        mask = (remove_small_objects(mask, max_size=min_size - 1) if _new_skimage()
+                else remove_small_objects(mask, min_size))
     labels, _ = ndimage.label(mask)
     return labels.astype(np.uint32)
 

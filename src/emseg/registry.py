@@ -91,7 +91,8 @@ def local_init(params):
     if not init.uri:
         from emseg.errors import ConfigError
 
-        raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is 'registry'")
+        raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is "
+                          "'registry'")
     version = resolve(init.uri)  # an alias that moves later does not change what this run started from
     with fetched_weights(version, init.uri) as path:
         local = init.model_copy(update={"uri": f"{PREFIX}{version.name}/{version.version}", "path": str(path)})

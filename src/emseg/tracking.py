@@ -223,7 +223,8 @@ def log_model(net):
     served = ProbabilityModel(net).eval()
     example = export_example(net)
     spec = TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))
-    signature = ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]))
+    signature = ModelSignature(inputs=Schema([spec]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]))
     info = mlflow.pytorch.log_model(served, name="model", signature=signature, input_example=example,
                                     serialization_format="pt2", pip_requirements=_requirements())
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,7 +59,8 @@ def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 4, unit
     scores: dict[str, list] = {key: [] for key in ("entropy", "least_confidence", "bald")}
     zyx, feats = [], []
     # One slice at a time, keeping only patch scores and features: memory does not grow with the stack.
-    for z, raw in zip(tqdm(zs, desc="suggest: score slices", unit="slice", disable=not progress), read_slices(info, zs)):
+    for z, raw in zip(tqdm(zs, desc="suggest: score slices", unit="slice", disable=not progress),
+                      read_slices(info, zs)):
         img = normalise(raw, mean, std)[None]
         local = (grid_candidates(1, H, W, size, stride or max(size // 2, 1)) if unit == "patch"
                  else Candidates(np.array([[0, 0, 0]]), min(H, W)))
@@ -73,7 +74,8 @@ def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 4, unit
     base = "entropy" if strategy in ("hybrid", "kmeans", "coreset", "random") else strategy
     picks = select(strategy, min(k, len(cands)), cands, rng=np.random.default_rng(seed), uncertainty=score[base],
                    features=np.concatenate(feats), max_overlap=max_overlap, z_gap=z_gap)
-    summary = {"input": str(Path(input_path).resolve()), "input_sha256": sha256_of(info.path) if info.path.is_file() else None,
+    summary = {"input": str(Path(input_path).resolve()),
+               "input_sha256": sha256_of(info.path) if info.path.is_file() else None,
                "shape": [n, H, W], "dtype": str(info.dtype), "normalisation": {"mean": mean, "std": std},
                "model": model_ref, "strategy": strategy, "unit": unit, "size": int(cands.size), "k": len(picks),
                "blank": blank, "scored_slices": len(zs), "suggestions": []}

@@ -45,7 +45,8 @@ def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
                 continue
             fg = 1 if painted <= {0, 1} else 255
             if not painted <= {0, fg}:
-                raise DataError(f"{lab_path}: label values {sorted(painted - {0, 1, 255}) or sorted(painted)} unexpected; "
+                raise DataError(f"{lab_path}: label values {sorted(painted - {0, 1, 255}) or sorted(painted)} "
+                                "unexpected; "
                                 f"expected 255 (or 1) object, 0 background, {blank} blank")
             img = read_2d_file(img_path)
             if img.shape != lab.shape:
@@ -69,7 +70,8 @@ def _blank_of(folder: Path, cache: dict) -> int | None:
     if folder not in cache:
         meta = folder / "suggestions.json"
         try:
-            cache[folder] = int(json.loads(meta.read_text()).get("blank", DEFAULT_BLANK)) if meta.is_file() else DEFAULT_BLANK
+            cache[folder] = (int(json.loads(meta.read_text()).get("blank", DEFAULT_BLANK)) if meta.is_file()
+                             else DEFAULT_BLANK)
         except (OSError, ValueError, TypeError, AttributeError):
             cache[folder] = None
     return cache[folder]

@@ -201,7 +201,8 @@ class StackReader:
                 else:
                     arr = self._tf.asarray(key=z) if info.shape[0] > 1 else self._tf.asarray()
             except Exception as exc:
-                raise DataError(f"{where}: cannot decode (corrupt or truncated TIFF? {type(exc).__name__}: {exc})") from None
+                raise DataError(f"{where}: cannot decode (corrupt or truncated TIFF? "
+                                f"{type(exc).__name__}: {exc})") from None
         arr = np.asarray(arr)
         if arr.shape != info.shape[1:]:
             raise DataError(f"{where}: slice shape {arr.shape} differs from the stack's {info.shape[1:]}")
@@ -233,7 +234,8 @@ def check_values(sl: np.ndarray, where: str) -> None:
             raise DataError(f"{where}: image holds NaN or infinite values")
         big = float(np.abs(sl).max(initial=0.0))
         if big > MAX_ABS_VALUE:
-            raise DataError(f"{where}: image holds values up to {big:.3g}, beyond the {MAX_ABS_VALUE:.0e} emseg accepts "
+            raise DataError(f"{where}: image holds values up to {big:.3g}, beyond the {MAX_ABS_VALUE:.0e} "
+                            "emseg accepts "
                             "(a fill value?); rescale or clip the stack")
 
 

@@ -93,7 +93,8 @@ def choose_splits(n: int, train: SliceSpec, val: SliceSpec, test: SliceSpec, gap
     if test is not None:
         if isinstance(test, int):
             if test >= n:
-                raise ConfigError(f"params.yaml: data.test_slices: {test} slices leave none to train on (stack has {n})")
+                raise ConfigError(f"params.yaml: data.test_slices: {test} slices leave none to train on "
+                                  f"(stack has {n})")
             test_idx = list(range(n - test, n))
         else:
             test_idx = select_slices(test, range(n), "data.test_slices", n)
@@ -224,7 +225,8 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
         same_stack = {"train": splits["train"], "val": splits["val"]}
     else:
         if params.test_slices is None:
-            raise ConfigError("params.yaml: data.test_slices: required (an int or a list) when the source has no test stack")
+            raise ConfigError("params.yaml: data.test_slices: required (an int or a list) when the source has no "
+                              "test stack")
         test_img, test_lab = train_img, train_lab
         # A contiguous block at the end, min_gap away: slices next to training slices leak through 3D continuity.
         splits = choose_splits(n, params.train_slices, params.val_slices, params.test_slices, gap)
@@ -297,7 +299,8 @@ def _refuse_held_out(records: list[dict], desc: dict, held_out: dict[str, list[i
             near = [z for z in zs if abs(z - int(r["slice"])) < gap]
             if near:
                 raise DataError(f"{where} lies {abs(near[0] - int(r['slice']))} slice(s) from {split} slice {near[0]} "
-                                f"(data.min_gap {gap}); label slices away from the {split} slices, or move it out of {folder}")
+                                f"(data.min_gap {gap}); label slices away from the {split} slices, "
+                                f"or move it out of {folder}")
 
 
 def _write_annotations(folder: Optional[str], out: Path, desc: dict, held_out: dict[str, list[int]], gap: int) -> dict:

@@ -50,7 +50,8 @@ def _write_generated(cfg, out: Path) -> dict[str, Path]:
         with tifffile.TiffWriter(paths["image"]) as ti, tifffile.TiffWriter(paths["labels"]) as tl, \
                 tifffile.TiffWriter(paths["instances"]) as tn:
             for z in range(z0, z0 + n):
-                for writer, page in zip((ti, tl, tn), generate_slice(cfg.seed, z, cfg.height, cfg.width, instances=True)):
+                for writer, page in zip((ti, tl, tn),
+                                        generate_slice(cfg.seed, z, cfg.height, cfg.width, instances=True)):
                     writer.write(page, compression="zlib", photometric="minisblack", contiguous=False)
                 bar.update()
         files.update({f"{split}_{kind}": path for kind, path in paths.items()})
@@ -203,7 +204,8 @@ def fetch_raw(params: DataParams, out_dir: str | Path) -> dict:
         desc = {"source": params.source, "files": {}}
         for role, path in files.items():
             info = inspect_stack(path)
-            desc["files"][role] = {"name": path.name, "origin": origins.get(role, "generated"), "sha256": sha256_of(path),
+            desc["files"][role] = {"name": path.name, "origin": origins.get(role, "generated"),
+                                   "sha256": sha256_of(path),
                                    "shape": list(info.shape), "dtype": str(info.dtype)}
             if info.files:  # the order slices were read in (natural order of the file names)
                 desc["files"][role]["slice_files"] = [f.name for f in info.files]

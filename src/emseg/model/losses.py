@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from emseg import IGNORE
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float | None = None) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+               alpha: float | None = None) -> torch.Tensor:
     """Mean focal loss over annotated pixels; ``target`` holds 0/1/IGNORE."""
     valid = (target != IGNORE).to(logits.dtype)
     t = (target == 1).to(logits.dtype)

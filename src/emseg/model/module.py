@@ -78,7 +78,8 @@ class SegmentationModule(L.LightningModule):
         # Fine-tuning: a pretrained encoder may learn more slowly than the decoder (factor < 1).
         groups = [{"params": encoder, "lr": lr * factor}, {"params": rest, "lr": lr}]
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)
-        max_epochs = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs and self.trainer.max_epochs > 0 else 50
+        max_epochs = (self.trainer.max_epochs
+                      if self.trainer and self.trainer.max_epochs and self.trainer.max_epochs > 0 else 50)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=lr * 0.05 * min(factor, 1.0))
         return {"optimizer": opt, "lr_scheduler": sched}
 
@@ -119,12 +120,14 @@ class EMDataModule(L.LightningDataModule):
         if isinstance(self.data, ArraySplits) and len(self.data.sources) > 1:
             k = len(self.data.sources)
             share = [cfg.patches_per_epoch // k + (i < cfg.patches_per_epoch % k) for i in range(k)]
-            self.train_set = MixedPatches([PatchDataset(sx, sy, cfg.patch_size, n, cfg.foreground_bias, aug, self.seed + i)
+            self.train_set = MixedPatches([PatchDataset(sx, sy, cfg.patch_size, n, cfg.foreground_bias, aug,
+                                                        self.seed + i)
                                            for i, ((sx, sy), n) in enumerate(zip(self.data.sources, share))])
             self.val_set = ConcatDataset([SliceDataset(a, b) for a, b in self.data.val_sources])
             return
         if extra is None:
-            self.train_set = PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch, cfg.foreground_bias, aug, self.seed)
+            self.train_set = PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch, cfg.foreground_bias, aug,
+                                          self.seed)
         else:
             # Painted suggestion crops: their share of the patches follows their share of the labelled
             # pixels, kept between a quarter and three quarters (they were chosen for being informative).
@@ -132,7 +135,8 @@ class EMDataModule(L.LightningDataModule):
             share = (ey != IGNORE).sum() / max(1, (ey != IGNORE).sum() + (np.asarray(y) != IGNORE).sum())
             n_extra = int(round(cfg.patches_per_epoch * min(max(share, 0.25), 0.75)))
             self.train_set = MixedPatches([
-                PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch - n_extra, cfg.foreground_bias, aug, self.seed),
+                PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch - n_extra, cfg.foreground_bias, aug,
+                             self.seed),
                 PatchDataset(ex, ey, cfg.patch_size, n_extra, cfg.foreground_bias, aug, self.seed + 1)])
         self.val_set = SliceDataset(vx, vy)
 

@@ -224,7 +224,8 @@ def initialise(net: SegmentationNet, init: InitParams) -> str:
         return f"imagenet:{Path(init.path).name} ({n} tensors)"
     if init.mode == "registry":
         if not init.uri:
-            raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is 'registry'")
+            raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is "
+                              "'registry'")
         if not init.path:  # emseg.registry.local_init fetches the version's weights to a local file first
             raise EmsegError(f"train.init.uri {init.uri}: the registry version's weights were not fetched to a local "
                              "file (start training through emseg train, tune or the pipelines)")

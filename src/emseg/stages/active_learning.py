@@ -71,14 +71,16 @@ def _run(params, params_path: str) -> dict:
     if not cfg.strategies or not cfg.seeds:
         raise ConfigError(f"{params_path}: active.strategies and active.seeds: at least one of each is required")
     data, desc = load_data(params)
-    tracking.configure(params.tracking.model_copy(update={"experiment": f"{params.tracking.experiment}-active-learning"}))
+    tracking.configure(params.tracking.model_copy(
+        update={"experiment": f"{params.tracking.experiment}-active-learning"}))
     rows: list[dict] = []
     cache: dict = {}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(cfg.strategies) * len(cfg.seeds) * (cfg.rounds + 1), desc="active learning", unit="round")
     for strategy in cfg.strategies:
-        with tracking.start_run(run_name=f"al-{strategy}", tags={"strategy": strategy, "emseg.pipeline": "active_learning"}):
+        with tracking.start_run(run_name=f"al-{strategy}",
+                                tags={"strategy": strategy, "emseg.pipeline": "active_learning"}):
             mlflow.log_params({**tracking.flatten(cfg.model_dump(), "active."), "model.encoder": params.model.encoder,
                                "data.source": desc["source"]})
 
@@ -99,7 +101,8 @@ def _run(params, params_path: str) -> dict:
                 rows += simulate(params, cfg, data, strategy, seed, cache, on_round)
             mine = [r for r in rows if r["strategy"] == strategy]
             for b in sorted({r["labelled"] for r in mine}):
-                mlflow.log_metric("test_iou_mean", float(np.mean([r["test_iou"] for r in mine if r["labelled"] == b])), step=b)
+                mlflow.log_metric("test_iou_mean", float(np.mean([r["test_iou"] for r in mine if r["labelled"] == b])),
+                                  step=b)
     bar.close()
     summary = {**summarise_strategies(rows), "data": desc}
     with staged_files(REPORT_DIR) as rep:
@@ -114,7 +117,8 @@ def _run(params, params_path: str) -> dict:
                 mlflow.log_artifact(str(rep / f))
     best = max(summary["strategies"].items(), key=lambda kv: kv[1]["mean_iou"][str(summary["largest_budget"])])
     ns = len(cfg.seeds)
-    print(f"active-learning: {len(cfg.strategies)} strategies x {ns} seed{'s' * (ns != 1)} x {cfg.rounds + 1} rounds on "
+    print(f"active-learning: {len(cfg.strategies)} strategies x {ns} seed{'s' * (ns != 1)} x {cfg.rounds + 1} "
+          "rounds on "
           f"{desc['source']}; best at {summary['largest_budget']} patches: {best[0]} "
           f"(IoU {best[1]['mean_iou'][str(summary['largest_budget'])]:.3f}) -> {REPORT_DIR}/summary.md")
     return summary

@@ -82,13 +82,16 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
         tracking.configure(params.tracking)
         with tracking.start_run(run_id=run_id):
             mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items()
-                                if k not in ("slices", "threshold") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+                                if k not in ("slices", "threshold") and isinstance(v, (int, float))
+                                and not isinstance(v, bool)})
             mlflow.set_tags({"evaluate_tta": str(cfg.inference.tta).lower(), "instance_truth": m["instance_truth"]})
             for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "watershed_h.csv", "overlays.png"):
                 if (rep / f).exists():
                     mlflow.log_artifact(str(rep / f), artifact_path="evaluation")
     print(f"evaluate: {m['slices']} test slices, foreground IoU {m['iou']:.3f}, Dice {m['dice']:.3f}, "
-          f"instance F1 {m['instance_f1']:.3f} (watershed h={h:g}; connected components {m['instance_f1_connected']:.3f}), "
-          f"{m['splits']} splits, {m['merges']} merges; true objects: {m['instance_truth']} -> {REPORT_DIR}/metrics.json; "
+          f"instance F1 {m['instance_f1']:.3f} (watershed h={h:g}; "
+          f"connected components {m['instance_f1_connected']:.3f}), "
+          f"{m['splits']} splits, {m['merges']} merges; true objects: {m['instance_truth']} "
+          f"-> {REPORT_DIR}/metrics.json; "
           f"logged to run {run_id}; weights with their post-processing -> {EVALUATED_MODEL}")
     return m

@@ -113,7 +113,8 @@ def run(params_path: str = "params.yaml") -> dict:
     cfg = params.learning_curve
     source, x, y, val_idx, pool, tx, ty = load_target(params)
     counts = _counts(cfg, len(pool))
-    tracking.configure(params.tracking.model_copy(update={"experiment": f"{params.tracking.experiment}-learning-curve"}))
+    tracking.configure(params.tracking.model_copy(
+        update={"experiment": f"{params.tracking.experiment}-learning-curve"}))
     with ExitStack() as stack:  # the pretrained weights are fetched once, not per run, and removed at the end
         weights = (stack.enter_context(registry.fetched_weights(cfg.pretrained_uri))
                    if "pretrained" in cfg.inits else None)

@@ -4,7 +4,8 @@ Each source in ``pretrain.sources`` is z-scored by its own statistics and resamp
 ``scale`` (to match pixel sizes); every epoch draws the same number of patches from each source
 (balanced, however different their sizes). The run is tracked like any training run (experiment
 ``<tracking.experiment>-pretrain``) and registered as ``pretrain.registered_model`` with the alias
-``pretrain.alias``, so fine-tuning starts from ``train.init: {mode: registry, uri: models:/emseg-pretrained@pretrained}``.
+``pretrain.alias``, so fine-tuning starts from
+``train.init: {mode: registry, uri: models:/emseg-pretrained@pretrained}``.
 """
 
 from __future__ import annotations

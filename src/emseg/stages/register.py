@@ -65,5 +65,6 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     write_json(OUT, result)
     before = "none" if champion_iou is None else f"v{champion.version} {champion_iou:.4f}"
     print(f"register: {name} version {result['version']} is challenger (validation IoU {val_iou:.4f}, test IoU "
-          f"{result['test_iou']:.4f}); champion on the same {len(vx)} validation slices: {before} -> {result['decision']}")
+          f"{result['test_iou']:.4f}); champion on the same {len(vx)} validation slices: {before} "
+          f"-> {result['decision']}")
     return result

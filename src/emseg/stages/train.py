@@ -56,7 +56,8 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
     lr, batch_size, origin = effective_hparams(params)
     tracking.configure(params.tracking)
     work = checkpoint_dir(params, prepared_dir, lr, batch_size)
-    with tracking.start_run(run_name=f"train-{manifest['source']}-{len(manifest['splits']['train']['slices'])}sl") as run:
+    with tracking.start_run(run_name=f"train-{manifest['source']}-"
+                                     f"{len(manifest['splits']['train']['slices'])}sl") as run:
         mlflow.log_params(tracking.flatten(params.model_dump(exclude={"tune"})))
         mlflow.log_params({"effective.lr": lr, "effective.batch_size": batch_size, "effective.origin": origin})
 
@@ -68,7 +69,8 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
         if result.extra.get("resumed_from_epoch") is not None:
             mlflow.set_tag("resumed_from_epoch", str(result.extra["resumed_from_epoch"]))
         patches_per_s = result.epochs * params.train.patches_per_epoch / max(result.seconds, 1e-9)
-        summary = {"best_val_iou": result.best_score, "epochs": result.epochs, "train_seconds": round(result.seconds, 1),
+        summary = {"best_val_iou": result.best_score, "epochs": result.epochs,
+                   "train_seconds": round(result.seconds, 1),
                    "patches_per_second": round(patches_per_s, 2), "lr": lr, "batch_size": batch_size}
         mlflow.log_metrics({"best_val_iou": result.best_score, "train_seconds": result.seconds,
                             "patches_per_second": patches_per_s})

@@ -49,7 +49,8 @@ def _storage(params):
     hb = params.tune.heartbeat_s
     kwargs = {"heartbeat_interval": hb, "grace_period": 2 * hb,
               "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2)} if hb else {}
-    return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}, **kwargs)
+    return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+                      **kwargs)
 
 
 def fail_trials_without_heartbeat(study, storage, grace_s: float) -> list[int]:
@@ -127,7 +128,8 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
     if storage.heartbeat_interval:
         dead = fail_trials_without_heartbeat(study, storage, storage.grace_period)
         if dead:
-            print(f"tune: trial(s) {', '.join(map(str, dead))} of an interrupted run never sent a heartbeat: marked failed")
+            print(f"tune: trial(s) {', '.join(map(str, dead))} of an interrupted run never sent a heartbeat: "
+                  "marked failed")
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     missing = max(cfg.n_trials - len(done), 0)
 
@@ -157,7 +159,8 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
                 return res.best_score
 
         if missing:
-            study.optimize(objective, n_trials=missing, timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None,
+            study.optimize(objective, n_trials=missing,
+                           timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None,
                            catch=(), show_progress_bar=True)
         trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         completed = [t for t in trials if t.state == TrialState.COMPLETE]
