@@ -86,6 +86,11 @@ def test_only_the_registry_module_spells_the_registry_prefix():
                      if '"models:/' in f.read_text() and f.name != "registry.py")
     # config.py names the default pretrained URI as a value, cli.py in --help text: values, not lookups.
     assert set(spelled) <= {"config.py", "cli.py"}, spelled
+    # Registry writes and alias reads happen in registry.py alone (pretrain registers through it too).
+    calls = ("register_model(", "set_registered_model_alias(", "get_model_version_by_alias(", "delete_registered_model")
+    writers = sorted(str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py")
+                     if f.name != "registry.py" and any(c in f.read_text() for c in calls))
+    assert writers == [], writers
 
 
 def test_the_checks_see_a_cycle_and_a_service_import(tmp_path, monkeypatch):

@@ -200,7 +200,8 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     assert all(np.array_equal(a, b) for a, b in zip(outs["file"], outs["registry"]))
     picks = {}
     for name, model in (("file", str(proj / "models" / "emseg.pt")), ("registry", f"models:/emseg-unet/{version}")):
-        run_cli(["emseg", "suggest", str(folder), str(tmp_path / f"suggest-{name}"), "--model", model, "-k", "3"],
+        run_cli(["emseg", "suggest", str(folder), str(tmp_path / f"suggest-{name}"), "--model", model, "-k", "3",
+                 "--every", "2"],
                 proj, check=True)
         rows = (tmp_path / f"suggest-{name}" / "suggestions.csv").read_text().splitlines()
         picks[name] = rows

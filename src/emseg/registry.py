@@ -139,6 +139,16 @@ def register_and_decide(model_uri: str, name: str, run_id: str, score: float, ch
             "champion_val_iou_before": champion_score, "decision": decision}
 
 
+def register_as(model_uri: str, name: str, alias: str, tags: dict | None = None) -> int:
+    """Register a run's model under ``name`` and point ``alias`` at the new version (no comparison:
+    for models such as the pretrained encoder that are not champions). Returns the version number."""
+    import mlflow
+
+    mv = mlflow.register_model(model_uri, name, tags=tags or {})
+    _client().set_registered_model_alias(name, alias, mv.version)
+    return int(mv.version)
+
+
 def promote(name: str, version: str, alias: str) -> None:
     from mlflow.exceptions import MlflowException
 

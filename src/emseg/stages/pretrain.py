@@ -14,7 +14,7 @@ import csv
 import tempfile
 from pathlib import Path
 
-from emseg import tracking
+from emseg import registry, tracking
 from emseg.config import derive, load_params
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
@@ -91,13 +91,12 @@ def run(params_path: str = "params.yaml") -> dict:
             plot_curves(res.history, rep / "curves.png", title=f"pretraining on {names}")
             mlflow.log_artifact(str(rep / "curves.png"))
             info = tracking.log_model(res.net)
-            mv = mlflow.register_model(info.model_uri, cfg.registered_model,
-                                       tags={"best_val_iou": f"{res.best_score:.6f}", "sources": names})
-            mlflow.MlflowClient().set_registered_model_alias(cfg.registered_model, cfg.alias, mv.version)
-            summary["registered"] = {"name": cfg.registered_model, "version": int(mv.version), "alias": cfg.alias}
+            version = registry.register_as(info.model_uri, cfg.registered_model, cfg.alias,
+                                           tags={"best_val_iou": f"{res.best_score:.6f}", "sources": names})
+            summary["registered"] = {"name": cfg.registered_model, "version": version, "alias": cfg.alias}
             write_json(rep / "metrics.json", summary)
         with staged_files(Path(MODEL_PATH).parent) as out:
             save_weights(res.net, out / Path(MODEL_PATH).name, {"run_id": run.info.run_id})
     print(f"pretrain: {res.epochs} epochs on {names} in {res.seconds / 60:.1f} min, best val IoU {res.best_score:.3f}; "
-          f"registered {cfg.registered_model} version {mv.version} as @{cfg.alias}")
+          f"registered {cfg.registered_model} version {version} as @{cfg.alias}")
     return summary
