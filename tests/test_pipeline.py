@@ -206,6 +206,12 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
         rows = (tmp_path / f"suggest-{name}" / "suggestions.csv").read_text().splitlines()
         picks[name] = rows
     assert len(picks["file"]) == 4 and picks["file"] == picks["registry"]  # same patches, same scores
+    # The registry version loads the evaluated file logged for it (one folder per file content, so a later
+    # evaluation of the same run cannot change it).
+    import re
+
+    tag = mlflow_client(proj).get_model_version("emseg-unet", str(version)).tags["weights_artifact"]
+    assert re.fullmatch(r"weights/[0-9a-f]{16}/emseg\.pt", tag), tag
     h_file = json.loads((tmp_path / "vnc-file" / "summary.json").read_text())["instances"]["h"]
     assert h_file != 7.5 and h_file == float(mlflow_client(proj).get_model_version("emseg-unet", str(version))
                                              .tags["watershed_h"])
@@ -259,7 +265,7 @@ def test_init_from_the_registry_loads_the_champion_weights(repro_project):
     version = resolve("models:/emseg-unet@champion").version
     net = build_network(ModelParams(decoder_channels=[64, 32, 16, 16, 8]))
     params = parse_params({"train": {"init": {"mode": "registry", "uri": "models:/emseg-unet@champion"}}})
-    with local_init(params) as local:
+    with local_init(params, root=proj) as local:
         # The run is named by the version it starts from, not by the alias (which may move later).
         assert local.train.init.uri == f"models:/emseg-unet/{version}" and Path(local.train.init.path).is_file()
         desc = initialise(net, local.train.init)
@@ -269,10 +275,21 @@ def test_init_from_the_registry_loads_the_champion_weights(repro_project):
         assert torch.equal(a, b), k
     bad = parse_params({"train": {"init": {"mode": "registry", "uri": "models:/emseg-unet@nobody"}}})
     with pytest.raises(EmsegError, match="models:/emseg-unet@nobody: not found in the model registry"):
-        with local_init(bad):
+        with local_init(bad, root=proj):
             pass
     with pytest.raises(EmsegError, match="were not fetched to a local file"):  # the model layer never reaches MLflow
         initialise(net, params.train.init)
+    # As `emseg train` meets it: a fresh process, nothing configured yet. The init is looked up in the
+    # project's registry (not in MLflow's default store, which would not know it and leave a mlflow.db).
+    import sys
+
+    code = ("from emseg.config import derive, load_params\nfrom emseg.registry import local_init\n"
+            "p = derive(load_params('params.yaml'), {'train': {'init': {'mode': 'registry', "
+            "'uri': 'models:/emseg-unet@champion'}}}, 'x')\n"
+            "with local_init(p) as q:\n    print(q.train.init.uri)")
+    out = run_cli([sys.executable, "-c", code], proj, check=True).stdout
+    assert out.strip().splitlines()[-1] == f"models:/emseg-unet/{version}"
+    assert not (proj / "mlflow.db").exists()
 
 
 @pytest.mark.slow

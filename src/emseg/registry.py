@@ -23,6 +23,10 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 PREFIX = "models:/"
 # A version's weights: the self-describing file `register` attaches (weights and the post-processing
 # chosen on validation), else the plain training weights of older versions.
+# Where a version's weights live in its source run: the version tag WEIGHTS_TAG names the evaluated file
+# (one folder per content, so a later evaluation of the same run never changes an earlier version's
+# post-processing); versions registered before that tag fall back to these.
+WEIGHTS_TAG = "weights_artifact"
 WEIGHT_ARTIFACTS = ("weights/emseg.pt", "weights/model.pt")
 
 
@@ -65,7 +69,8 @@ def fetched_weights(version, uri: str | None = None) -> Iterator[Path]:
     dst = Path(tempfile.mkdtemp(prefix="emseg-weights-"))
     try:
         path = None
-        for artifact in WEIGHT_ARTIFACTS:
+        tagged = (getattr(version, "tags", None) or {}).get(WEIGHTS_TAG)
+        for artifact in ((tagged,) if tagged else ()) + WEIGHT_ARTIFACTS:
             try:
                 path = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=artifact,
                                                                 dst_path=str(dst)))
@@ -80,7 +85,7 @@ def fetched_weights(version, uri: str | None = None) -> Iterator[Path]:
 
 
 @contextmanager
-def local_init(params):
+def local_init(params, root: str | Path = "."):
     """``params`` whose ``train.init``, where it names a registry version (mode ``registry``), also
     carries ``path``: a local copy of that version's weights, fetched once for the block and removed
     afterwards. The model layer loads files only; it never reaches the registry itself."""
@@ -93,6 +98,9 @@ def local_init(params):
 
         raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is "
                           "'registry'")
+    from emseg import tracking
+
+    tracking.configure(params.tracking, root)  # the project's registry (root: the project), whichever stage asks
     version = resolve(init.uri)  # an alias that moves later does not change what this run started from
     with fetched_weights(version, init.uri) as path:
         local = init.model_copy(update={"uri": f"{PREFIX}{version.name}/{version.version}", "path": str(path)})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from emseg import registry, tracking
 from emseg.config import load_params
+from emseg.data.io import sha256_of
 from emseg.data.prepare import load_split
 from emseg.evaluate import pixel_iou
 from emseg.fsutil import write_json
@@ -51,12 +52,18 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     if champion is not None:
         with registry.fetched_weights(champion, f"{registry.PREFIX}{name}@{registry.CHAMPION}") as weights:
             champ_net, champ_blob = load_weights(weights)
+        if not champ_blob.get("postprocess") and (champion.tags or {}).get("tta") in ("true", "false"):
+            champ_blob = {**champ_blob, "postprocess": {"tta": champion.tags["tta"] == "true"}}  # an older version
         champion_iou = score(champ_net, champ_blob, f"champion v{champion.version} on the same slices")
-    with tracking.start_run(run_id=run_info["run_id"]):  # the version's weights carry their post-processing
-        mlflow.log_artifact(EVALUATED_MODEL, artifact_path="weights")
+    # The version's weights carry their post-processing. One folder per file content: re-evaluating the
+    # same training run (other evaluate settings) never rewrites what an earlier version loads.
+    folder = f"weights/{sha256_of(EVALUATED_MODEL)[:16]}"
+    with tracking.start_run(run_id=run_info["run_id"]):
+        mlflow.log_artifact(EVALUATED_MODEL, artifact_path=folder)
     data_hash = tracking.dvc_data_hash()
     post = blob.get("postprocess") or {}
     tags = {"test_iou": f"{float(metrics['iou']):.6f}", "val_data_hash": data_hash,
+            registry.WEIGHTS_TAG: f"{folder}/{Path(EVALUATED_MODEL).name}",
             **{k: str(post[k]).lower() for k in ("tta",) if k in post},
             **({"watershed_h": f"{float(metrics['watershed_h']):g}"} if "watershed_h" in metrics else {})}
     result = registry.register_and_decide(run_info["model_uri"], name, run_info["run_id"], val_iou, champion,
