@@ -70,11 +70,12 @@ def test_suggest_then_painted_labels_join_the_next_dvc_repro(repro_project, tmp_
     shutil.copytree(good, proj, symlinks=True)
     out = proj / "annotations" / "round-1"
     stack = EPFL / "training.tif"
-    # -k and --patch-size left out: params.yaml's `active` section (query 3 here, patch_size 128) decides.
+    # -k and --patch-size left out: params.yaml's `active` section decides (query 3 here; patch_size 64
+    # on slices the simulation bins by 2 is 128 native pixels).
     import yaml
 
     raw = yaml.safe_load((proj / "params.yaml").read_text())
-    raw["active"] = {**raw.get("active", {}), "query": 3, "patch_size": 128}
+    raw["active"] = {**raw.get("active", {}), "query": 3, "patch_size": 64, "downsample": 2}
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     proc = run_cli(["emseg", "suggest", str(stack), str(out), "--model", "models:/emseg-unet@champion",
                     "--every", "40"], proj, check=True)

@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     # outside a project), the settings the active-learning simulation measured.
     sg.add_argument("-k", type=int, default=None, help="how many to suggest (default: active.query)")
     sg.add_argument("--unit", choices=("patch", "slice"), default="patch")
-    sg.add_argument("--patch-size", type=int, default=None, help="patch side in px (default: active.patch_size)")
+    sg.add_argument("--patch-size", type=int, default=None,
+                    help="patch side in native px (default: active.patch_size x active.downsample)")
     sg.add_argument("--strategy", default="entropy",
                     help="entropy (default), least_confidence, bald, hybrid, coreset, kmeans or random")
     sg.add_argument("--every", type=int, default=1, help="score every Nth slice (default: all)")
@@ -98,21 +99,25 @@ def _load_model(args: argparse.Namespace, params):
 
 def _suggest(args: argparse.Namespace) -> None:
     from emseg.active.suggest import suggest
-
     from emseg.config import ActiveParams
 
     params = _optional_params(args)
     active = params.active if params else ActiveParams()
-    for flag, key in (("k", "query"), ("patch_size", "patch_size"), ("mc_passes", "mc_passes")):
+    # The simulation measured patches on slices binned by active.downsample: in the user's native pixels
+    # its patch (and candidate stride) is that many times larger.
+    native = active.downsample
+    stride = active.stride * native if active.stride and args.patch_size is None else None
+    defaults = {"k": active.query, "patch_size": active.patch_size * native, "mc_passes": active.mc_passes}
+    for flag, value in defaults.items():
         if getattr(args, flag) is None:
-            setattr(args, flag, getattr(active, key))
+            setattr(args, flag, value)
     if args.k < 1 or args.every < 1 or args.patch_size < 32 or args.mc_passes < 2:
         raise EmsegError("-k and --every must be at least 1, --patch-size at least 32, --mc-passes at least 2")
     _claim(args)
     net, ref, _ = _load_model(args, params)
     s = suggest(net, args.input, args.output, k=args.k, unit=args.unit, patch_size=args.patch_size,
                 strategy=args.strategy, every=args.every, mc_passes=args.mc_passes, blank=args.blank, model_ref=ref,
-                overwrite=args.overwrite, max_overlap=active.max_overlap, z_gap=active.z_gap, stride=active.stride)
+                overwrite=args.overwrite, max_overlap=active.max_overlap, stride=stride)
     where = ", ".join(f"slice {r['slice']} ({r['y']},{r['x']})" for r in s["suggestions"][:3])
     units = args.unit + ('es' if args.unit == 'patch' else 's')
     print(f"suggest: {s['k']} {units} of {s['size']} px to label ({args.strategy}; top: {where}) -> "
@@ -139,9 +144,12 @@ def _predict(args: argparse.Namespace) -> None:
             raise EmsegError(f"{args.model}: its post-processing record is damaged ({exc})") from None
         print(f"predict: threshold {threshold:g}, watershed h={instances.h:g}, flip TTA {'on' if tta else 'off'}, "
               f"as chosen for {args.model} on {post.get('chosen_on', 'its validation slices')}")
-    elif ev.instances.h_choices and meta["tags"].get("watershed_h") is not None:  # a version registered before
-        instances = ev.instances.model_copy(update={"h": float(meta["tags"]["watershed_h"])})
-        print(f"predict: watershed h={instances.h:g}, as chosen on the validation slices for {args.model}")
+    else:  # a version registered before its weights carried their post-processing: its tags say
+        if ev.instances.h_choices and meta["tags"].get("watershed_h") is not None:
+            instances = ev.instances.model_copy(update={"h": float(meta["tags"]["watershed_h"])})
+            print(f"predict: watershed h={instances.h:g}, as chosen on the validation slices for {args.model}")
+        if meta["tags"].get("tta") in ("true", "false"):
+            tta = meta["tags"]["tta"] == "true"
     inference = ev.inference.model_copy(update={"tta": args.tta or tta})
     s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
                           threshold=threshold, fmt=args.fmt, inference=inference, instances=instances)

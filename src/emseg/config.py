@@ -187,7 +187,9 @@ class InstanceParams(_Strict):
     # The true objects of a label stack without object labels: "3d", the connected components through
     # each run of consecutive test slices (isotropic stacks such as FIB-SEM; predicted objects are split
     # in 3D too), or "2d", per slice (anisotropic serial sections). Object labels the source provides
-    # (the generator's) are used as they are. metrics.json names the truth used.
+    # (the generator's) are used as they are. metrics.json names the truth used. "3d" splits each run of
+    # consecutive test slices as one volume (of the order of 150 bytes a voxel at peak): for test blocks
+    # of several GB use "2d".
     truth: Literal["3d", "2d"] = "3d"
 
 

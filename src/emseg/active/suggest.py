@@ -39,7 +39,7 @@ def _slices_to_score(n: int, every: int) -> list[int]:
 def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 4, unit: str = "patch",
             patch_size: int = 128, strategy: str = "entropy", every: int = 1, mc_passes: int = 8,
             blank: int = BLANK, model_ref: str = "", seed: int = 0, max_overlap: float = 0.25,
-            z_gap: int = 1, progress: bool = True, overwrite: bool = False, stride: int | None = None) -> dict:
+            z_gap: int = 2, progress: bool = True, overwrite: bool = False, stride: int | None = None) -> dict:
     claim_output(output, overwrite, inputs=[input_path])
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
