@@ -1,6 +1,7 @@
 """The numbers behind the label-efficiency claims: who reaches random's IoU with how many labels."""
 
-from emseg.curves import by_budget, strategies_markdown, summarise_learning_curve, summarise_strategies
+from emseg.curves import (by_budget, learning_curve_markdown, strategies_markdown, summarise_learning_curve,
+                          summarise_strategies)
 
 
 def _rows(strategy, per_budget):
@@ -20,12 +21,19 @@ def test_labels_to_reach_random_margin_and_spread():
     assert km["labels_to_reach_random_at_largest"] is None and km["label_ratio_vs_random"] is None
     assert rnd["labels_to_reach_random_at_largest"] == 16 and rnd["margin_over_random_at_largest"] == 0
     assert abs(bald["margin_over_random_at_largest"] - 0.08) < 1e-9
-    assert abs(bald["seed_spread_at_largest"] - 0.02) < 1e-9  # random's std (0.02) beats bald's (0)
-    assert abs(km["std_iou"]["16"] - 0.01) < 1e-9
+    # Sample sd (ddof=1): random@16 [0.60, 0.64] -> 0.0283, which beats bald's 0.
+    assert abs(bald["seed_spread_at_largest"] - 0.0283) < 1e-9
+    assert abs(km["sd_iou"]["16"] - 0.0141) < 1e-9
     md = strategies_markdown(s)
-    assert "| bald | 0.410 ± 0.010 | 0.640 ± 0.010 | 0.700 ± 0.000 | 8 (0.50x) | +0.080 (0.020) |" in md
+    assert "| bald | 0.410 ± 0.014 | 0.640 ± 0.014 | 0.700 ± 0.000 | 8 (0.50x) | +0.080 (0.028) |" in md
     assert "| kmeans |" in md and "not reached" in md
     assert by_budget(s)[1] == {"labelled": 8, "random": 0.51, "bald": 0.64, "kmeans": 0.45}
+
+
+def test_one_seed_has_no_spread_and_the_table_says_so():
+    s = summarise_strategies(_rows("random", {4: [0.40], 8: [0.50]}) + _rows("bald", {4: [0.45], 8: [0.55]}))
+    assert s["strategies"]["bald"]["seed_spread_at_largest"] is None
+    assert "| bald | 0.450 ± - | 0.550 ± - | 8 (1.00x) | +0.050 (-) |" in strategies_markdown(s)
 
 
 def test_learning_curve_comparisons():
@@ -39,3 +47,19 @@ def test_learning_curve_comparisons():
     assert out["scratch_12_vs_all"] == {"12": 0.71, "40": 0.8}
     # The fewest pretrained slices that reach scratch's mean at each count.
     assert out["pretrained_slices_to_match_scratch"] == {"1": 1, "4": 1, "12": 4, "40": 12}
+
+
+def test_learning_curve_table_uses_sample_sd_and_says_what_stopped_each_point():
+    pts = [{"init": "scratch", "slices": 4, "seed": s, "test_iou": v, "epochs": e, "stopped_by": by}
+           for s, (v, e, by) in enumerate([(0.60, 20, "early stopping"), (0.64, 60, "epoch cap"),
+                                           (0.68, 31, "early stopping")])]
+    pts.append({"init": "scratch", "slices": 12, "seed": 0, "test_iou": 0.7, "epochs": 12,
+                "stopped_by": "early stopping"})
+    table, _ = summarise_learning_curve(pts)
+    four, twelve = table
+    assert four["sd_iou"] == 0.04 and four["mean_iou"] == 0.64  # ddof=1: sqrt(0.0032 / 2)
+    assert four["mean_epochs"] == 37.0 and four["stopped_by_cap"] == 1
+    assert twelve["sd_iou"] is None  # one seed has no spread
+    md = learning_curve_markdown(table)
+    assert "| scratch | 4 | 0.640 | 0.040 | 0.600 | 0.680 | 3 | 37 | 1 of 3 |" in md
+    assert "| scratch | 12 | 0.700 | - | 0.700 | 0.700 | 1 | 12 | 0 of 1 |" in md

@@ -17,12 +17,25 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def sample_sd(values) -> float | None:
+    """Sample standard deviation (ddof=1) over seeds; None for a single value, which has no spread."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _r4(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _sd_text(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def summarise_strategies(rows: list[dict]) -> dict:
     """Active learning. ``rows``: one per strategy, seed and round with ``strategy``, ``labelled`` (the
-    budget) and ``test_iou``. Per strategy: mean and spread (std over seeds) at each budget; the fewest
+    budget) and ``test_iou``. Per strategy: mean and sample sd over seeds at each budget; the fewest
     labels with which its mean reaches random sampling's mean at the largest budget, and that as a
     fraction of the largest budget; its margin over random at the largest budget, and the seed spread
-    (the larger of the two stds) to weigh that margin against."""
+    (the larger of the two sds) to weigh that margin against."""
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     budgets = sorted({r["labelled"] for r in rows})
     table = {}
@@ -30,20 +43,21 @@ def summarise_strategies(rows: list[dict]) -> dict:
         for b in budgets:
             v = [r["test_iou"] for r in rows if r["strategy"] == s and r["labelled"] == b]
             if v:
-                table[(s, b)] = (float(np.mean(v)), float(np.std(v)))
+                table[(s, b)] = (float(np.mean(v)), sample_sd(v))
     top = budgets[-1]
     out = {"budgets": budgets, "largest_budget": top, "strategies": {}}
     ref = table.get(("random", top))
     for s in strategies:
         entry = {"mean_iou": {str(b): round(table[(s, b)][0], 4) for b in budgets if (s, b) in table},
-                 "std_iou": {str(b): round(table[(s, b)][1], 4) for b in budgets if (s, b) in table}}
+                 "sd_iou": {str(b): _r4(table[(s, b)][1]) for b in budgets if (s, b) in table}}
         if ref and (s, top) in table:
-            mean_top, std_top = table[(s, top)]
+            mean_top, sd_top = table[(s, top)]
             reach = [b for b in budgets if (s, b) in table and table[(s, b)][0] >= ref[0]]
             entry["labels_to_reach_random_at_largest"] = reach[0] if reach else None
             entry["label_ratio_vs_random"] = round(reach[0] / top, 3) if reach else None
             entry["margin_over_random_at_largest"] = round(mean_top - ref[0], 4)
-            entry["seed_spread_at_largest"] = round(max(std_top, ref[1]), 4)
+            spreads = [x for x in (sd_top, ref[1]) if x is not None]
+            entry["seed_spread_at_largest"] = round(max(spreads), 4) if spreads else None
         out["strategies"][s] = entry
     return out
 
@@ -54,11 +68,12 @@ def strategies_markdown(summary: dict) -> str:
              " | labels to reach random@max | margin over random@max (spread) |",
              "|---" * (len(budgets) + 3) + "|"]
     for s, e in summary["strategies"].items():
-        cells = [f"{e['mean_iou'][str(b)]:.3f} ± {e['std_iou'][str(b)]:.3f}" if str(b) in e["mean_iou"] else "-"
+        cells = [f"{e['mean_iou'][str(b)]:.3f} ± {_sd_text(e['sd_iou'][str(b)])}" if str(b) in e["mean_iou"] else "-"
                  for b in budgets]
         reach = e.get("labels_to_reach_random_at_largest")
         reach_s = "not reached" if reach is None else f"{reach} ({e['label_ratio_vs_random']:.2f}x)"
-        margin = f"{e.get('margin_over_random_at_largest', 0):+.3f} ({e.get('seed_spread_at_largest', 0):.3f})"
+        margin = ("-" if "margin_over_random_at_largest" not in e else
+                  f"{e['margin_over_random_at_largest']:+.3f} ({_sd_text(e['seed_spread_at_largest'])})")
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {reach_s} | {margin} |")
     return "\n".join(lines) + "\n"
 
@@ -71,16 +86,22 @@ def by_budget(summary: dict) -> list[dict]:
 
 def summarise_learning_curve(points: list[dict]) -> tuple[list[dict], dict]:
     """Learning curves. ``points``: one per run with ``init``, ``slices`` and ``test_iou``. Returns the
-    table (mean, std, min, max per init and slice count) and the comparisons the field reports make:
+    table (mean, sample sd, min, max per init and slice count, with the mean epochs trained and how many
+    runs the epoch cap rather than early stopping ended, when the points say) and the comparisons the
+    field reports make:
     pretrained on 4 slices against scratch on 12, scratch on 12 against the most slices, and for each
     scratch count the fewest slices with which the pretrained mean reaches it."""
     table = []
     for init in dict.fromkeys(p["init"] for p in points):
         for n in sorted({p["slices"] for p in points if p["init"] == init}):
             v = [p["test_iou"] for p in points if p["init"] == init and p["slices"] == n]
-            table.append({"init": init, "slices": n, "mean_iou": round(float(np.mean(v)), 4),
-                          "std_iou": round(float(np.std(v)), 4), "min_iou": round(min(v), 4),
-                          "max_iou": round(max(v), 4), "seeds": len(v)})
+            runs = [p for p in points if p["init"] == init and p["slices"] == n]
+            row = {"init": init, "slices": n, "mean_iou": round(float(np.mean(v)), 4), "sd_iou": _r4(sample_sd(v)),
+                   "min_iou": round(min(v), 4), "max_iou": round(max(v), 4), "seeds": len(v)}
+            if all("epochs" in r for r in runs):
+                row["mean_epochs"] = round(float(np.mean([r["epochs"] for r in runs])), 1)
+                row["stopped_by_cap"] = sum(r.get("stopped_by") == "epoch cap" for r in runs)
+            table.append(row)
     get = {(r["init"], r["slices"]): r for r in table}
     counts = sorted({p["slices"] for p in points})
     out: dict = {"counts": counts}
@@ -103,10 +124,14 @@ def summarise_learning_curve(points: list[dict]) -> tuple[list[dict], dict]:
 
 
 def learning_curve_markdown(table: list[dict]) -> str:
-    lines = ["| init | labelled slices | test IoU mean | spread (std) | min | max | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['init']} | {r['slices']} | {r['mean_iou']:.3f} | {r['std_iou']:.3f} | {r['min_iou']:.3f} | "
-              f"{r['max_iou']:.3f} | {r['seeds']} |" for r in table]
+    epochs = all("mean_epochs" in r for r in table)
+    head = "| init | labelled slices | test IoU mean | sd (n-1) | min | max | seeds |"
+    lines = [head + (" epochs (mean) | stopped by the epoch cap |" if epochs else ""),
+             "|---" * (7 + 2 * epochs) + "|"]
+    for r in table:
+        line = (f"| {r['init']} | {r['slices']} | {r['mean_iou']:.3f} | {_sd_text(r['sd_iou'])} | {r['min_iou']:.3f} | "
+                f"{r['max_iou']:.3f} | {r['seeds']} |")
+        lines.append(line + (f" {r['mean_epochs']:g} | {r['stopped_by_cap']} of {r['seeds']} |" if epochs else ""))
     return "\n".join(lines) + "\n"
 
 
