@@ -25,7 +25,8 @@ from emseg.config import parse_params  # noqa: E402
 from emseg.data.prepare import prepare  # noqa: E402
 from emseg.data.sources import fetch_raw  # noqa: E402
 from emseg.model.losses import segmentation_loss  # noqa: E402
-from emseg.model.module import EMDataModule, SegmentationModule  # noqa: E402
+from emseg.data.datamodule import EMDataModule  # noqa: E402
+from emseg.model.module import SegmentationModule  # noqa: E402
 from emseg.model.network import SegmentationNet, model_spec  # noqa: E402
 
 WARMUP, STEPS, BATCH, PATCH, PAIRS = 2, 12, 8, 192, 3

@@ -124,7 +124,7 @@ def test_suggest_then_painted_labels_join_the_next_dvc_repro(repro_project, tmp_
     # The next training draws patches from them, a quarter to three quarters of each epoch.
     from emseg.config import load_params
     from emseg.data.patches import MixedPatches
-    from emseg.model.module import EMDataModule
+    from emseg.data.datamodule import EMDataModule
 
     params = load_params(proj / "params.yaml")
     dm = EMDataModule(prepared, params.train, 4, 0)

@@ -4,9 +4,14 @@ data layers know nothing of MLflow, DVC or Optuna (only `emseg.registry` touches
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
+import pytest
+import yaml
+
 from conftest import ROOT
+from emseg.errors import EmsegError
 
 PACKAGE = ROOT / "src" / "emseg"
 SERVICES = ("mlflow", "dvc", "optuna", "optuna_integration")
@@ -132,3 +137,74 @@ def test_derived_training_settings_are_validated_and_name_their_section():
     # No pipeline builds training settings with pydantic's unvalidated model_copy any more.
     for rel in ("stages/pretrain.py", "stages/learning_curve.py", "active/loop.py"):
         assert "train.model_copy(" not in (ROOT / "src/emseg" / rel).read_text(), rel
+
+
+# --- Paths named once: emseg.paths and the dvc.yaml files agree ------------------------------------
+
+PIPELINES = [ROOT / "dvc.yaml", *sorted((ROOT / "pipelines").glob("*/dvc.yaml"))]
+PATH_LITERAL = re.compile(r"^(data/(raw|prepared)|models/|reports/|optuna/)|^(models|data/raw|data/prepared)$")
+
+
+def _declared(files=PIPELINES) -> tuple[set[str], set[str]]:
+    """(outs, non-code deps) of every stage of these dvc.yaml files, as paths relative to the project root."""
+    outs, deps = set(), set()
+    for dvc_yaml in files:
+        for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
+            wdir = (dvc_yaml.parent / stage.get("wdir", ".")).resolve()
+            rel = lambda p: str((wdir / p).resolve().relative_to(ROOT))  # noqa: E731
+            for key in ("outs", "metrics", "plots"):
+                outs |= {rel(next(iter(o)) if isinstance(o, dict) else o) for o in stage.get(key, [])}
+            deps |= {rel(d) for d in stage.get("deps", []) if not d.startswith("src/")}
+    return outs, deps
+
+
+def _covered(path: str, by: set[str]) -> bool:
+    return any(path == b or path.startswith(b + "/") for b in by)
+
+
+def test_dvc_yaml_declares_exactly_the_paths_the_code_names():
+    from emseg import paths
+
+    named = {v for k, v in vars(paths).items() if k.isupper() and isinstance(v, str)}
+    inputs = {paths.ANNOTATIONS_DIR}  # the user's painted crops: a dependency no stage writes
+    scratch = {paths.PARAMS, paths.CHECKPOINT_ROOT} | inputs  # the params file and git-ignored checkpoints: no outs
+    outs, deps = _declared()
+    # Every declared output and every data dependency is a path of emseg.paths or lies inside one.
+    assert not {o for o in outs if not _covered(o, named)}, "dvc.yaml outs missing from emseg/paths.py"
+    assert not {d for d in deps if not _covered(d, named)}, "dvc.yaml deps missing from emseg/paths.py"
+    # Every path the code writes is a declared output or a folder of declared outputs ...
+    for p in named - scratch:
+        assert p in outs or any(o.startswith(p + "/") for o in outs), f"emseg.paths {p!r}: no stage declares it"
+    # ... and every data dependency is some stage's output.
+    assert all(_covered(d, outs | inputs) for d in deps), sorted(d for d in deps if not _covered(d, outs | inputs))
+
+
+def test_no_module_but_paths_spells_a_pipeline_path():
+    offenders = []
+    for name, f in _modules().items():
+        if name == "emseg.paths":
+            continue
+        tree = ast.parse(f.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        offenders += [f"{f.relative_to(ROOT)}:{n.lineno}: {n.value!r}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+                      and PATH_LITERAL.match(n.value)]
+    assert not offenders, offenders
+
+
+def test_postprocess_comes_from_the_weights_or_an_older_versions_tags():
+    from emseg.registry import postprocess_of
+
+    record = {"threshold": 0.4, "tta": True, "instances": {"min_size": 30, "h": 6.0, "smooth": 1.0}}
+    old_tags = {"tta": "false", "watershed_h": "4"}
+    assert postprocess_of({"postprocess": record}, old_tags) == record  # the file's own record wins
+    legacy = postprocess_of({}, old_tags)  # registered before files carried a record
+    assert legacy == {"tta": False, "instances": {"h": 4.0}, "chosen_on": "this version's registry tags"}
+    assert postprocess_of({}, {"test_iou": "0.8"}) == {} and postprocess_of({}) == {}
+    for damaged in ({"threshold": 0.4}, ["threshold"], {"threshold": 0.4, "tta": True, "instances": 6}):
+        with pytest.raises(EmsegError, match="m.pt: its post-processing record is damaged"):
+            postprocess_of({"postprocess": damaged}, name="m.pt")
+    with pytest.raises(EmsegError, match="watershed_h='six' is not a number"):
+        postprocess_of({}, {"watershed_h": "six"})

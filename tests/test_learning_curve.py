@@ -21,8 +21,9 @@ TINY_LC = {
         {"name": "isbi-membranes", "image": str(ISBI / "train-volume.tif"), "labels": str(ISBI / "train-labels.tif"),
          "scale": 0.5, "invert": True, "val_slices": 1}],
         "max_epochs": 2, "patches_per_epoch": 8, "patch_size": 64, "batch_size": 4},
-    "learning_curve": {"source": "epfl", "scale": 0.25, "slice_counts": [4, "all"], "seeds": [0, 1], "epochs": 1,
-                       "patches_per_epoch": 8, "patch_size": 64, "batch_size": 4, "test_slices": 2},
+    "learning_curve": {"source": "epfl", "scale": 0.25, "slice_counts": [4, "all"], "seeds": [0, 1],
+                       "max_epochs": 1, "patience": 1, "patches_per_epoch": 8, "patch_size": 64, "batch_size": 4,
+                       "test_slices": 2},
 }
 
 
@@ -48,6 +49,8 @@ def test_pretrain_then_learning_curve_through_dvc(tmp_path, shared):
     assert len(rows) == 2 * 2 * 2
     assert {int(r["slices"]) for r in rows} == {4, 163}  # all = 165 training slices minus 2 for validation
     assert {r["init"] for r in rows} == {"scratch", "pretrained"}
+    # Each point says how long it trained and what stopped it (here the 1-epoch cap, on purpose).
+    assert {(r["epochs"], r["stopped_by"]) for r in rows} == {("1", "epoch cap")}
     summary = json.loads((proj / "reports/learning_curve/summary.json").read_text())
     assert summary["counts"] == [4, 163] and len(summary["table"]) == 4
     assert "| pretrained | 4 |" in (proj / "reports/learning_curve/table.md").read_text()
@@ -62,7 +65,7 @@ def test_pretrain_then_learning_curve_through_dvc(tmp_path, shared):
 
 def test_fine_tuning_keeps_the_encoder_frozen_for_the_first_epochs(tmp_path):
     from emseg.config import Params
-    from emseg.model.module import ArraySplits
+    from emseg.data.datamodule import ArraySplits
     from emseg.model.network import SegmentationNet
     from emseg.model.train import fit
 
@@ -95,7 +98,7 @@ def test_unfrozen_encoder_trains_in_train_mode_after_the_frozen_epochs(tmp_path)
     from lightning.pytorch.callbacks import Callback
 
     from emseg.config import Params
-    from emseg.model.module import ArraySplits
+    from emseg.data.datamodule import ArraySplits
     from emseg.model.train import fit
 
     class Modes(Callback):

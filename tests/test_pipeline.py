@@ -13,7 +13,8 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import SHARED, TINY, make_project, mlflow_client, run_cli, write_params
+from conftest import ROOT, SHARED, TINY, make_project, mlflow_client, run_cli, write_params
+from test_architecture import _covered, _declared
 
 
 @pytest.mark.slow
@@ -31,6 +32,12 @@ def test_dvc_repro_runs_prepare_tune_train_and_tracks_everything(repro_project):
     assert (hist[0] == "epoch,train_loss,val_loss,train_acc,val_acc,train_iou,val_iou"
             and len(hist) == 1 + metrics["epochs"])
     assert "up to date" in run_cli(["dvc", "status", "dvc.yaml"], proj, check=True).stdout.lower()
+    # Paths named once: every declared output exists, and the stages wrote nothing undeclared.
+    outs, _ = _declared([ROOT / "dvc.yaml"])
+    assert all((proj / o).exists() for o in outs), sorted(o for o in outs if not (proj / o).exists())
+    written = [str(f.relative_to(proj)) for d in ("data", "models", "reports") for f in (proj / d).rglob("*")
+               if f.is_file() and f.name != ".gitignore"]
+    assert len(written) > 20 and not [w for w in written if not _covered(w, outs)]
 
     client = mlflow_client(proj)
     exp = client.get_experiment_by_name("emseg")
@@ -376,7 +383,7 @@ def test_the_pruner_stops_a_trial_that_falls_behind_the_median(tmp_path):
     import csv
 
     from emseg.config import load_params
-    from emseg.stages.tune import study_name
+    from emseg.tuning import study_name
 
     proj = make_project(tmp_path / "proj", git=False)
     write_params(proj, {**TINY, "train": {**TINY["train"], "patches_per_epoch": 64},

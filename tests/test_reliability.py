@@ -256,7 +256,7 @@ def test_a_trial_killed_before_its_first_heartbeat_is_marked_failed_not_left_run
     from optuna.storages import RDBStorage
     from optuna.trial import TrialState
 
-    from emseg.stages.tune import fail_trials_without_heartbeat
+    from emseg.tuning import fail_trials_without_heartbeat
 
     storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(study_name="s", storage=storage)

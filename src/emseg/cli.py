@@ -8,8 +8,9 @@ import signal
 import sys
 
 from emseg.errors import EmsegError
+from emseg.paths import PARAMS
 
-DEFAULT_PARAMS = "params.yaml"
+DEFAULT_PARAMS = PARAMS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,20 +137,19 @@ def _predict(args: argparse.Namespace) -> None:
     threshold = params.train.threshold if params else 0.5
     instances, tta = ev.instances, ev.inference.tta
     post = meta["postprocess"]
-    if post:  # the weights carry what was chosen for them on validation: it wins over params.yaml
+    if "threshold" in post:  # the weights carry what was chosen for them on validation: it wins over params.yaml
         try:
             instances = InstanceParams.model_validate({**ev.instances.model_dump(), **post["instances"]})
             threshold, tta = float(post["threshold"]), bool(post["tta"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (TypeError, ValueError) as exc:
             raise EmsegError(f"{args.model}: its post-processing record is damaged ({exc})") from None
         print(f"predict: threshold {threshold:g}, watershed h={instances.h:g}, flip TTA {'on' if tta else 'off'}, "
               f"as chosen for {args.model} on {post.get('chosen_on', 'its validation slices')}")
-    else:  # a version registered before its weights carried their post-processing: its tags say
-        if ev.instances.h_choices and meta["tags"].get("watershed_h") is not None:
-            instances = ev.instances.model_copy(update={"h": float(meta["tags"]["watershed_h"])})
+    elif post:  # a version registered before its weights carried their post-processing: its tags say
+        if ev.instances.h_choices and "instances" in post:  # h was chosen on validation only when h_choices is set
+            instances = ev.instances.model_copy(update={"h": post["instances"]["h"]})
             print(f"predict: watershed h={instances.h:g}, as chosen on the validation slices for {args.model}")
-        if meta["tags"].get("tta") in ("true", "false"):
-            tta = meta["tags"]["tta"] == "true"
+        tta = post.get("tta", tta)
     inference = ev.inference.model_copy(update={"tta": args.tta or tta})
     s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
                           threshold=threshold, fmt=args.fmt, inference=inference, instances=instances)
@@ -157,9 +157,32 @@ def _predict(args: argparse.Namespace) -> None:
           f"-> {args.output}")
 
 
-def _dispatch(args: argparse.Namespace) -> None:
-    import importlib
+def _stage(command: str):
+    """The `run` function of the stage behind a command (imported here: `emseg --help` stays fast)."""
+    if command == "fetch":
+        from emseg.stages.fetch import run
+    elif command == "prepare":
+        from emseg.stages.prepare import run
+    elif command == "tune":
+        from emseg.stages.tune import run
+    elif command == "train":
+        from emseg.stages.train import run
+    elif command == "evaluate":
+        from emseg.stages.evaluate import run
+    elif command == "register":
+        from emseg.stages.register import run
+    elif command == "pretrain":
+        from emseg.stages.pretrain import run
+    elif command == "learning-curve":
+        from emseg.stages.learning_curve import run
+    elif command == "active-learning":
+        from emseg.stages.active_learning import run
+    else:
+        raise ValueError(f"no stage for command {command!r}")
+    return run
 
+
+def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "predict":
         _predict(args)
     elif args.command == "suggest":
@@ -175,7 +198,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         promote(args.name, args.version, args.alias)
         print(f"promote: {args.name} version {args.version} now has alias {args.alias!r}")
     else:
-        importlib.import_module(f"emseg.stages.{args.command.replace('-', '_')}").run(args.params or DEFAULT_PARAMS)
+        _stage(args.command)(args.params or DEFAULT_PARAMS)
 
 
 def _close_progress_bars() -> None:

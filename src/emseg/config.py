@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from emseg.errors import ConfigError
+from emseg.paths import ANNOTATIONS_DIR, OPTUNA_DIR, PARAMS
 
 PositiveInt = Annotated[int, Field(gt=0)]
 SliceSpec = Union[PositiveInt, list[Annotated[int, Field(ge=0)]]]
@@ -77,7 +78,7 @@ class DataParams(_Strict):
     ignore_value: Optional[IgnoreValue] = None
     generated: GeneratedSource = GeneratedSource()
     # Folder of `emseg suggest` outputs; painted templates found under it join the training data.
-    annotations: Optional[str] = "annotations"
+    annotations: Optional[str] = ANNOTATIONS_DIR
     tiff: Optional[TiffSource] = None
     epfl: Optional[EpflSource] = None
 
@@ -171,7 +172,7 @@ class TuneParams(_Strict):
     # MedianPruner: a trial may be stopped after this many epochs, once this many trials have completed.
     prune_after_epochs: PositiveInt = 1
     prune_startup_trials: Annotated[int, Field(ge=0)] = 2
-    storage: str = "sqlite:///optuna/study.db"  # any SQLAlchemy URL
+    storage: str = f"sqlite:///{OPTUNA_DIR}/study.db"  # any SQLAlchemy URL
     study_name: str = "emseg"
     heartbeat_s: Optional[PositiveInt] = 60
 
@@ -295,7 +296,8 @@ class LearningCurveParams(_Strict):
     patches_per_epoch: PositiveInt = 64
     batch_size: PositiveInt = 8
     lr: PositiveFloat = 0.002
-    epochs: PositiveInt = 14
+    max_epochs: PositiveInt = 60  # a cap only: each point stops when its validation IoU stops improving
+    patience: PositiveInt = 5  # epochs without a better validation IoU that stop a point (early stopping)
     pretrained_uri: str = "models:/emseg-pretrained@pretrained"
     freeze_encoder_epochs: Annotated[int, Field(ge=0)] = 1  # fine-tuning: decoder first
     encoder_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -335,7 +337,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
-def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+def parse_params(raw: dict[str, Any], source: str = PARAMS) -> Params:
     """Validate an already-loaded mapping; raise ConfigError with one line naming every bad key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
@@ -402,7 +404,7 @@ def _written_paths(params: Params) -> dict[str, str]:
     return out
 
 
-def check_confined(params: Params, root: str | Path, source: str = "params.yaml") -> None:
+def check_confined(params: Params, root: str | Path, source: str = PARAMS) -> None:
     """Relative paths that emseg writes to must stay inside the project; an absolute path (or ~) is
     taken as meant. Inputs (the user's stacks, mirrors, starting weights) are only read and may be anywhere."""
     root = Path(root).resolve()
@@ -415,7 +417,7 @@ def check_confined(params: Params, root: str | Path, source: str = "params.yaml"
                               f"give an absolute path if that is really where it should go")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = PARAMS) -> Params:
     params = parse_params(read_yaml(path), str(path))
     check_confined(params, Path(path).parent, str(path))
     return params

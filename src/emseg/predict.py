@@ -38,7 +38,7 @@ def predict_stack_iter(net, slices, progress: bool, total: int, inference: Infer
 def load_model(ref: str) -> tuple[SegmentationNet, str, dict]:
     """A network from a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a local weights file,
     and what came with it: ``{"tags": the registry version's tags ({} for a file), "postprocess": the
-    post-processing chosen for these weights on validation (None for plain training weights)}``. One
+    post-processing chosen for these weights on validation ({} for plain training weights)}``. One
     lookup, so an alias that moves meanwhile cannot pair these weights with another version's tags."""
     from emseg import registry
 
@@ -50,7 +50,7 @@ def load_model(ref: str) -> tuple[SegmentationNet, str, dict]:
     else:
         net, blob = load_weights(Path(ref))
         tags = {}
-    return net.eval(), str(ref), {"tags": tags, "postprocess": blob.get("postprocess")}
+    return net.eval(), str(ref), {"tags": tags, "postprocess": registry.postprocess_of(blob, tags, str(ref))}
 
 
 FORMATS = ("tiff", "ome-zarr")

@@ -84,6 +84,34 @@ def fetched_weights(version, uri: str | None = None) -> Iterator[Path]:
         shutil.rmtree(dst, ignore_errors=True)
 
 
+def postprocess_of(blob: dict, tags: dict | None = None, name: str = "the model") -> dict:
+    """The post-processing chosen for a model's weights on validation: the record its weights file
+    carries (threshold, tta, instances) or, for a version registered before files carried one, what the
+    version's tags say (flip TTA, watershed h; ``chosen_on`` names the tags). Empty when neither says
+    anything (plain training weights). A record that is not what evaluate writes raises, naming ``name``."""
+    from emseg.errors import EmsegError
+
+    record = blob.get("postprocess")
+    if record:
+        if (not isinstance(record, dict) or not {"threshold", "tta", "instances"} <= record.keys()
+                or not isinstance(record["instances"], dict)):
+            raise EmsegError(f"{name}: its post-processing record is damaged (expected a mapping with threshold, "
+                             f"tta and instances; found {record!r:.200})")
+        return dict(record)
+    tags = tags or {}
+    legacy: dict = {}
+    if tags.get("tta") in ("true", "false"):
+        legacy["tta"] = tags["tta"] == "true"
+    if tags.get("watershed_h") is not None:
+        try:
+            legacy["instances"] = {"h": float(tags["watershed_h"])}
+        except ValueError:
+            raise EmsegError(f"{name}: registry tag watershed_h={tags['watershed_h']!r} is not a number") from None
+    if legacy:
+        legacy["chosen_on"] = "this version's registry tags"
+    return legacy
+
+
 @contextmanager
 def local_init(params, root: str | Path = "."):
     """``params`` whose ``train.init``, where it names a registry version (mode ``registry``), also

@@ -14,6 +14,7 @@ import yaml
 
 from emseg.config import TrackingParams
 from emseg.errors import EmsegError
+from emseg.paths import PREPARED_DIR
 
 
 def absolute_sqlite(uri: str, root: Path) -> str:
@@ -169,7 +170,7 @@ def git_commit(root: str | Path = ".") -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def dvc_data_hash(root: str | Path = ".", out: str = "data/prepared") -> str:
+def dvc_data_hash(root: str | Path = ".", out: str = PREPARED_DIR) -> str:
     """The DVC hash of the prepared data, from dvc.lock (what `dvc checkout` restores)."""
     lock = Path(root) / "dvc.lock"
     try:

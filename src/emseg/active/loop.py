@@ -76,7 +76,7 @@ def round_params(params: Params, cfg: ActiveParams, epochs: int, seed: int) -> P
 
 def _train(params: Params, cfg: ActiveParams, data: ActiveData, cands: Candidates, labelled: list[int],
            revealed: np.ndarray, epochs: int, seed: int, start_from=None):
-    from emseg.model.module import ArraySplits
+    from emseg.data.datamodule import ArraySplits
     from emseg.model.train import fit
 
     p = round_params(params, cfg, epochs, seed)

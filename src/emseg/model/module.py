@@ -1,20 +1,14 @@
-"""LightningModule (the training step) and LightningDataModule (patches in, whole slices for validation)."""
+"""The LightningModule: the training and validation steps, their scores and the optimiser.
+
+Its data come from emseg.data.datamodule (patches in, whole slices for validation)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
 
-from emseg import IGNORE
-from emseg.config import TrainParams
-from emseg.data.augment import Augmenter
-from emseg.data.patches import MixedPatches, PatchDataset, SliceDataset, pad_crops
-from emseg.data.prepare import load_split
 from emseg.metrics import add_counts, confusion, scores
 from emseg.model.losses import segmentation_loss
 from emseg.model.network import SegmentationNet
@@ -82,67 +76,3 @@ class SegmentationModule(L.LightningModule):
                       if self.trainer and self.trainer.max_epochs and self.trainer.max_epochs > 0 else 50)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=lr * 0.05 * min(factor, 1.0))
         return {"optimizer": opt, "lr_scheduler": sched}
-
-
-class ArraySplits:
-    """Training and validation arrays held by the caller (active learning, learning curves).
-
-    ``sources``: several (images, labels) training stacks (pretraining on several datasets): each
-    gets an equal share of every epoch's patches, whatever its size (balanced sampling), and
-    ``val_sources`` their validation slices."""
-
-    def __init__(self, train_images=None, train_labels=None, val_images=None, val_labels=None, *,
-                 sources=None, val_sources=None):
-        self.sources = list(sources) if sources else [(train_images, train_labels)]
-        self.val_sources = list(val_sources) if val_sources else [(val_images, val_labels)]
-        self.train, self.val = self.sources[0], self.val_sources[0]
-
-
-class EMDataModule(L.LightningDataModule):
-    """``data``: a prepared folder (train/val splits on disk) or an ``ArraySplits``."""
-
-    def __init__(self, data, cfg: TrainParams, batch_size: int, seed: int):
-        super().__init__()
-        self.data, self.cfg, self.batch_size, self.seed = data, cfg, batch_size, seed
-
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train_set"):
-            return
-        extra = None
-        if isinstance(self.data, ArraySplits):
-            (x, y), (vx, vy) = self.data.train, self.data.val
-        else:
-            x, y = load_split(Path(self.data), "train")
-            vx, vy = load_split(Path(self.data), "val")
-            if (Path(self.data) / "annotations_images.npy").exists():
-                extra = load_split(Path(self.data), "annotations", mmap=False)
-        cfg, aug = self.cfg, Augmenter(self.cfg.augment)
-        if isinstance(self.data, ArraySplits) and len(self.data.sources) > 1:
-            k = len(self.data.sources)
-            share = [cfg.patches_per_epoch // k + (i < cfg.patches_per_epoch % k) for i in range(k)]
-            self.train_set = MixedPatches([PatchDataset(sx, sy, cfg.patch_size, n, cfg.foreground_bias, aug,
-                                                        self.seed + i)
-                                           for i, ((sx, sy), n) in enumerate(zip(self.data.sources, share))])
-            self.val_set = ConcatDataset([SliceDataset(a, b) for a, b in self.data.val_sources])
-            return
-        if extra is None:
-            self.train_set = PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch, cfg.foreground_bias, aug,
-                                          self.seed)
-        else:
-            # Painted suggestion crops: their share of the patches follows their share of the labelled
-            # pixels, kept between a quarter and three quarters (they were chosen for being informative).
-            ex, ey = pad_crops(*extra, cfg.patch_size)
-            share = (ey != IGNORE).sum() / max(1, (ey != IGNORE).sum() + (np.asarray(y) != IGNORE).sum())
-            n_extra = int(round(cfg.patches_per_epoch * min(max(share, 0.25), 0.75)))
-            self.train_set = MixedPatches([
-                PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch - n_extra, cfg.foreground_bias, aug,
-                             self.seed),
-                PatchDataset(ex, ey, cfg.patch_size, n_extra, cfg.foreground_bias, aug, self.seed + 1)])
-        self.val_set = SliceDataset(vx, vy)
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
-                          drop_last=len(self.train_set) > self.batch_size)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=1, num_workers=self.cfg.num_workers)

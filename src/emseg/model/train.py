@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from emseg.config import Params
 from emseg.model.bn import PreciseBatchNorm
-from emseg.model.module import EMDataModule, SegmentationModule
+from emseg.data.datamodule import EMDataModule
+from emseg.model.module import SegmentationModule
 from emseg.model.network import SegmentationNet, channels_last, initialise, model_spec
 
 CURVE_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "val_iou")

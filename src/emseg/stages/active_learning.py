@@ -10,52 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from emseg import tracking
-from emseg.active.loop import ActiveData, simulate
-from emseg.config import Params, load_params
+from emseg.active.data import load_data
+from emseg.active.loop import simulate
+from emseg.config import load_params
 from emseg.curves import by_budget, series, strategies_markdown, summarise_strategies, write_csv
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
-
-REPORT_DIR = "reports/active_learning"
-
-
-def load_data(params: Params) -> tuple[ActiveData, dict]:
-    from emseg.data.generate import generate_stack
-    from emseg.data.stacks import evenly, load_labelled, rescale, resolve_source
-
-    cfg = params.active
-    scale = 1.0 / cfg.downsample
-    source = resolve_source(params, cfg.source)
-    if source == "epfl":
-        from emseg.data.sources import EPFL_FILES, ensure_epfl_file
-
-        f = {role: ensure_epfl_file(name, params.data.epfl) for role, name in EPFL_FILES.items()}
-        n = len(__import__("tifffile").TiffFile(f["train_image"]).pages)
-        pool_idx = evenly(n, cfg.pool_slices)
-        val_idx = evenly(n, cfg.val_slices, exclude=pool_idx)
-        px, py, stats = load_labelled(f["train_image"], f["train_labels"], pool_idx, scale=scale)
-        vx, vy, _ = load_labelled(f["train_image"], f["train_labels"], val_idx, scale=scale, stats=stats)
-        n_test = len(__import__("tifffile").TiffFile(f["test_image"]).pages)
-        test_idx = evenly(n_test, cfg.test_slices)
-        tx, ty, _ = load_labelled(f["test_image"], f["test_labels"], test_idx, scale=scale)
-    else:
-        g = params.data.generated
-        n_train = cfg.pool_slices + cfg.val_slices
-        img, lab = generate_stack(g.seed, n_train + (cfg.test_slices or g.test_slices), g.height, g.width)
-        x = img.astype(np.float32)
-        x = (x - x[:n_train].mean()) / x[:n_train].std()
-        y = (lab > 0).astype(np.uint8)
-        pairs = [rescale(a, b, scale) for a, b in zip(x, y)]
-        xs, ys = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-        pool_idx, val_idx = list(range(cfg.pool_slices)), list(range(cfg.pool_slices, n_train))
-        test_idx = list(range(n_train, len(xs)))
-        px, py, vx, vy, tx, ty = xs[pool_idx], ys[pool_idx], xs[val_idx], ys[val_idx], xs[test_idx], ys[test_idx]
-    desc = {"source": source, "downsample": cfg.downsample, "pool_slices": pool_idx, "val_slices": val_idx,
-            "test_slices": test_idx, "slice_shape": list(px.shape[1:])}
-    return ActiveData(px, py, vx, vy, tx, ty), desc
+from emseg.paths import ACTIVE_LEARNING_DIR, PARAMS
 
 
-def run(params_path: str = "params.yaml") -> dict:
+def run(params_path: str = PARAMS) -> dict:
     from emseg.registry import local_init
 
     with local_init(load_params(params_path)) as params:  # registry init weights fetched once
@@ -105,7 +69,7 @@ def _run(params, params_path: str) -> dict:
                                   step=b)
     bar.close()
     summary = {**summarise_strategies(rows), "data": desc}
-    with staged_files(REPORT_DIR) as rep:
+    with staged_files(ACTIVE_LEARNING_DIR) as rep:
         write_csv(rep / "curves.csv", rows)
         write_csv(rep / "by_budget.csv", by_budget(summary))
         write_json(rep / "summary.json", summary)
@@ -120,5 +84,5 @@ def _run(params, params_path: str) -> dict:
     print(f"active-learning: {len(cfg.strategies)} strategies x {ns} seed{'s' * (ns != 1)} x {cfg.rounds + 1} "
           "rounds on "
           f"{desc['source']}; best at {summary['largest_budget']} patches: {best[0]} "
-          f"(IoU {best[1]['mean_iou'][str(summary['largest_budget'])]:.3f}) -> {REPORT_DIR}/summary.md")
+          f"(IoU {best[1]['mean_iou'][str(summary['largest_budget'])]:.3f}) -> {ACTIVE_LEARNING_DIR}/summary.md")
     return summary

@@ -14,14 +14,7 @@ from emseg.evaluate import choose_tta, choose_watershed_h, evaluate_stack, runs_
 from emseg.fsutil import atomic_file, staged_files, write_json
 from emseg.model.network import load_weights, save_weights
 from emseg.plots import plot_overlays
-from emseg.stages.prepare import PREPARED_DIR
-from emseg.stages.train import MODEL_DIR
-from emseg.stages.train import REPORT_DIR as TRAIN_REPORTS
-
-REPORT_DIR = "reports/evaluate"
-# The trained weights with the post-processing chosen for them on the validation slices: the model
-# `emseg predict` and `register` use.
-EVALUATED_MODEL = f"{MODEL_DIR}/emseg.pt"
+from emseg.paths import EVALUATE_DIR, EVALUATE_METRICS, EVALUATED_MODEL, PARAMS, PREPARED_DIR, TRAIN_RUN, TRAINED_MODEL
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -41,11 +34,11 @@ def postprocess(cfg, threshold: float, h: float, val_images) -> dict:
                          f"{', TTA on or off' if cfg.choose_tta else ''})"}
 
 
-def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
+def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     import mlflow
 
     params = load_params(params_path)
-    net, blob = load_weights(Path(MODEL_DIR) / "model.pt")
+    net, blob = load_weights(TRAINED_MODEL)
     # The watershed depth is chosen on the validation slices (h_choices), never on the test slices.
     vx, vy = load_split(prepared_dir, "val")
     cfg = params.evaluate
@@ -69,8 +62,8 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     post = postprocess(cfg, params.train.threshold, h, vx)
     with atomic_file(EVALUATED_MODEL, "wb") as fh:
         save_weights(net, fh, {"run_id": blob.get("run_id"), "postprocess": post})
-    with staged_files(REPORT_DIR) as rep:
-        write_json(rep / "metrics.json", m)
+    with staged_files(EVALUATE_DIR) as rep:
+        write_json(rep / Path(EVALUATE_METRICS).name, m)
         _write_csv(rep / "per_slice.csv", ev.per_slice)
         _write_csv(rep / "pr_curve.csv", ev.pr_curve)
         _write_csv(rep / "watershed_h.csv", h_rows)
@@ -78,7 +71,7 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
             plot_overlays([images[i] for i, _ in ev.examples], [labels[i] for i, _ in ev.examples],
                           [p for _, p in ev.examples], rep / "overlays.png", params.train.threshold,
                           titles=[f"test slice {i}: green truth, magenta prediction" for i, _ in ev.examples])
-        run_id = json.loads((Path(TRAIN_REPORTS) / "run.json").read_text())["run_id"]
+        run_id = json.loads(Path(TRAIN_RUN).read_text())["run_id"]
         tracking.configure(params.tracking)
         with tracking.start_run(run_id=run_id):
             mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items()
@@ -92,6 +85,6 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
           f"instance F1 {m['instance_f1']:.3f} (watershed h={h:g}; "
           f"connected components {m['instance_f1_connected']:.3f}), "
           f"{m['splits']} splits, {m['merges']} merges; true objects: {m['instance_truth']} "
-          f"-> {REPORT_DIR}/metrics.json; "
+          f"-> {EVALUATE_METRICS}; "
           f"logged to run {run_id}; weights with their post-processing -> {EVALUATED_MODEL}")
     return m

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from emseg.config import load_params
 from emseg.data.prepare import prepare
-from emseg.stages.fetch import RAW_DIR
-
-PREPARED_DIR = "data/prepared"
+from emseg.paths import PARAMS, PREPARED_DIR, RAW_DIR
 
 
-def run(params_path: str = "params.yaml", raw_dir: str = RAW_DIR, out_dir: str = PREPARED_DIR) -> dict:
+def run(params_path: str = PARAMS, raw_dir: str = RAW_DIR, out_dir: str = PREPARED_DIR) -> dict:
     params = load_params(params_path)
     manifest = prepare(params.data, raw_dir, out_dir)
     s = manifest["splits"]

@@ -18,9 +18,7 @@ from emseg import registry, tracking
 from emseg.config import derive, load_params
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
-
-REPORT_DIR = "reports/pretrain"
-MODEL_PATH = "models/pretrained.pt"
+from emseg.paths import PARAMS, PRETRAIN_DIR, PRETRAINED_MODEL
 
 
 def load_sources(params):
@@ -49,10 +47,10 @@ def load_sources(params):
     return train, val, desc
 
 
-def run(params_path: str = "params.yaml") -> dict:
+def run(params_path: str = PARAMS) -> dict:
     import mlflow
 
-    from emseg.model.module import ArraySplits
+    from emseg.data.datamodule import ArraySplits
     from emseg.model.network import save_weights
     from emseg.model.train import CURVE_KEYS, fit
     from emseg.plots import plot_curves
@@ -83,7 +81,7 @@ def run(params_path: str = "params.yaml") -> dict:
         mlflow.log_metrics({"best_val_iou": res.best_score, "train_seconds": res.seconds})
         summary = {"best_val_iou": res.best_score, "epochs": res.epochs, "train_seconds": round(res.seconds, 1),
                    "sources": desc, "run_id": run.info.run_id}
-        with staged_files(REPORT_DIR) as rep:
+        with staged_files(PRETRAIN_DIR) as rep:
             with open(rep / "history.csv", "w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=["epoch", *CURVE_KEYS])
                 w.writeheader()
@@ -95,8 +93,8 @@ def run(params_path: str = "params.yaml") -> dict:
                                            tags={"best_val_iou": f"{res.best_score:.6f}", "sources": names})
             summary["registered"] = {"name": cfg.registered_model, "version": version, "alias": cfg.alias}
             write_json(rep / "metrics.json", summary)
-        with staged_files(Path(MODEL_PATH).parent) as out:
-            save_weights(res.net, out / Path(MODEL_PATH).name, {"run_id": run.info.run_id})
+        with staged_files(Path(PRETRAINED_MODEL).parent) as out:
+            save_weights(res.net, out / Path(PRETRAINED_MODEL).name, {"run_id": run.info.run_id})
     print(f"pretrain: {res.epochs} epochs on {names} in {res.seconds / 60:.1f} min, best val IoU {res.best_score:.3f}; "
           f"registered {cfg.registered_model} version {version} as @{cfg.alias}")
     return summary

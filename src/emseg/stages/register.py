@@ -20,31 +20,25 @@ from emseg.data.prepare import load_split
 from emseg.evaluate import pixel_iou
 from emseg.fsutil import write_json
 from emseg.model.network import load_weights
-from emseg.stages.evaluate import EVALUATED_MODEL
-from emseg.stages.evaluate import REPORT_DIR as EVAL_REPORTS
-from emseg.stages.prepare import PREPARED_DIR
-from emseg.stages.train import REPORT_DIR as TRAIN_REPORTS
-
-OUT = "reports/register/registration.json"
+from emseg.paths import EVALUATE_METRICS, EVALUATED_MODEL, PARAMS, PREPARED_DIR, REGISTRATION, TRAIN_RUN
 
 
-def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
+def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     import mlflow
 
     params = load_params(params_path)
-    run_info = json.loads((Path(TRAIN_REPORTS) / "run.json").read_text())
-    metrics = json.loads((Path(EVAL_REPORTS) / "metrics.json").read_text())
+    run_info = json.loads(Path(TRAIN_RUN).read_text())
+    metrics = json.loads(Path(EVALUATE_METRICS).read_text())
     vx, vy = load_split(prepared_dir, "val")
 
-    def score(net, blob: dict, who: str) -> float:
-        post = blob.get("postprocess") or {}
+    def score(net, post: dict, who: str) -> float:
         cfg = params.evaluate.model_copy(update={"inference": params.evaluate.inference.model_copy(
             update={"tta": bool(post.get("tta", params.evaluate.inference.tta))})})
         return pixel_iou(net, vx, vy, cfg, float(post.get("threshold", params.train.threshold)),
                          desc=f"register: {who}")
 
     challenger, blob = load_weights(EVALUATED_MODEL)
-    val_iou = score(challenger, blob, "challenger on validation")
+    val_iou = score(challenger, registry.postprocess_of(blob, name=EVALUATED_MODEL), "challenger on validation")
     tracking.configure(params.tracking)
     name = params.tracking.registered_model
     champion = registry.champion_version(name)
@@ -52,16 +46,15 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     if champion is not None:
         with registry.fetched_weights(champion, f"{registry.PREFIX}{name}@{registry.CHAMPION}") as weights:
             champ_net, champ_blob = load_weights(weights)
-        if not champ_blob.get("postprocess") and (champion.tags or {}).get("tta") in ("true", "false"):
-            champ_blob = {**champ_blob, "postprocess": {"tta": champion.tags["tta"] == "true"}}  # an older version
-        champion_iou = score(champ_net, champ_blob, f"champion v{champion.version} on the same slices")
+        champ_post = registry.postprocess_of(champ_blob, dict(champion.tags or {}), f"{name} v{champion.version}")
+        champion_iou = score(champ_net, champ_post, f"champion v{champion.version} on the same slices")
     # The version's weights carry their post-processing. One folder per file content: re-evaluating the
     # same training run (other evaluate settings) never rewrites what an earlier version loads.
     folder = f"weights/{sha256_of(EVALUATED_MODEL)[:16]}"
     with tracking.start_run(run_id=run_info["run_id"]):
         mlflow.log_artifact(EVALUATED_MODEL, artifact_path=folder)
     data_hash = tracking.dvc_data_hash()
-    post = blob.get("postprocess") or {}
+    post = registry.postprocess_of(blob, name=EVALUATED_MODEL)
     tags = {"test_iou": f"{float(metrics['iou']):.6f}", "val_data_hash": data_hash,
             registry.WEIGHTS_TAG: f"{folder}/{Path(EVALUATED_MODEL).name}",
             **{k: str(post[k]).lower() for k in ("tta",) if k in post},
@@ -69,7 +62,7 @@ def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> d
     result = registry.register_and_decide(run_info["model_uri"], name, run_info["run_id"], val_iou, champion,
                                           champion_iou, params.register.min_gain, tags=tags)
     result.update(test_iou=float(metrics["iou"]), val_data_hash=data_hash, val_slices=len(vx))
-    write_json(OUT, result)
+    write_json(REGISTRATION, result)
     before = "none" if champion_iou is None else f"v{champion.version} {champion_iou:.4f}"
     print(f"register: {name} version {result['version']} is challenger (validation IoU {val_iou:.4f}, test IoU "
           f"{result['test_iou']:.4f}); champion on the same {len(vx)} validation slices: {before} "

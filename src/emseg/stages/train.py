@@ -15,13 +15,8 @@ from emseg.inference import predict_slice
 from emseg.model.network import save_weights
 from emseg.model.train import CURVE_KEYS, fit
 from emseg.plots import plot_curves, plot_overlays
-from emseg.stages.prepare import PREPARED_DIR
-from emseg.stages.tune import BEST_PARAMS
 from emseg import tracking
-
-MODEL_DIR = "models"
-REPORT_DIR = "reports/train"
-CHECKPOINT_ROOT = "checkpoints"  # git-ignored; a run's folder is removed once its outputs are written
+from emseg.paths import BEST_PARAMS, CHECKPOINT_ROOT, PARAMS, PREPARED_DIR, TRAIN_DIR, TRAIN_RUN, TRAINED_MODEL
 
 
 def checkpoint_dir(params, prepared_dir: str, lr: float, batch_size: int) -> Path:
@@ -42,7 +37,7 @@ def effective_hparams(params, best_params_path: str = BEST_PARAMS) -> tuple[floa
     return params.train.lr, params.train.batch_size, "params"
 
 
-def run(params_path: str = "params.yaml", prepared_dir: str = PREPARED_DIR) -> dict:
+def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     from emseg.registry import local_init
 
     with local_init(load_params(params_path)) as params:  # registry init weights fetched once
@@ -74,7 +69,7 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
                    "patches_per_second": round(patches_per_s, 2), "lr": lr, "batch_size": batch_size}
         mlflow.log_metrics({"best_val_iou": result.best_score, "train_seconds": result.seconds,
                             "patches_per_second": patches_per_s})
-        with staged_files(REPORT_DIR) as rep:
+        with staged_files(TRAIN_DIR) as rep:
             with open(rep / "history.csv", "w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=["epoch", *CURVE_KEYS])
                 w.writeheader()
@@ -91,9 +86,9 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
             mlflow.log_artifact(str(rep / "history.csv"))
             info = tracking.log_model(result.net)
             write_json(rep / "metrics.json", summary)
-            write_json(rep / "run.json", {"run_id": run.info.run_id, "model_uri": info.model_uri})
-        with staged_files(MODEL_DIR) as out:
-            save_weights(result.net, out / "model.pt", {"run_id": run.info.run_id})
+            write_json(rep / Path(TRAIN_RUN).name, {"run_id": run.info.run_id, "model_uri": info.model_uri})
+        with staged_files(Path(TRAINED_MODEL).parent) as out:
+            save_weights(result.net, out / Path(TRAINED_MODEL).name, {"run_id": run.info.run_id})
     shutil.rmtree(work, ignore_errors=True)
     print(f"train: {result.epochs} epochs in {result.seconds / 60:.1f} min, best val IoU {result.best_score:.3f} "
           f"(lr {lr:.2g}, batch {batch_size}, {origin}); MLflow run {run.info.run_id}")
