@@ -152,15 +152,19 @@ def champion_version(name: str):
 
 
 def register_and_decide(model_uri: str, name: str, run_id: str, score: float, champion, champion_score: float | None,
-                        min_gain: float, tags: dict | None = None) -> dict:
+                        min_gain: float, tags: dict | None = None, not_comparable: str | None = None) -> dict:
     """Register the run's model as `challenger`; move `champion` to it only if ``score`` beats
     ``champion_score`` (the champion re-scored by the caller on the same data) by more than ``min_gain``.
-    A tie keeps the old champion; versions are never deleted."""
+    A tie keeps the old champion; versions are never deleted. ``not_comparable``: why the champion
+    could not be scored on these data; it then stays champion (a person decides, with `emseg promote`)."""
     import mlflow
 
     client = _client()
-    promote = champion is None or champion_score is None or score > champion_score + min_gain
-    decision = "promoted" if promote else "kept previous champion"
+    if champion is not None and not_comparable:
+        promote, decision = False, f"kept previous champion, not comparable: {not_comparable}"
+    else:
+        promote = champion is None or champion_score is None or score > champion_score + min_gain
+        decision = "promoted" if promote else "kept previous champion"
     mv = mlflow.register_model(model_uri, name, tags={"source_run": run_id, "val_iou": f"{score:.6f}",
                                                       "decision": decision, **(tags or {})})
     client.set_registered_model_alias(name, CHALLENGER, mv.version)

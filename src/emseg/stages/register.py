@@ -15,6 +15,7 @@ from pathlib import Path
 
 from emseg import registry, tracking
 from emseg.config import load_params
+from emseg.errors import ConfigError
 from emseg.data.io import sha256_of
 from emseg.data.prepare import load_split
 from emseg.evaluate import pixel_iou
@@ -42,12 +43,15 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     tracking.configure(params.tracking)
     name = params.tracking.registered_model
     champion = registry.champion_version(name)
-    champion_iou = None
+    champion_iou = not_comparable = None
     if champion is not None:
         with registry.fetched_weights(champion, f"{registry.PREFIX}{name}@{registry.CHAMPION}") as weights:
             champ_net, champ_blob = load_weights(weights)
         champ_post = registry.postprocess_of(champ_blob, dict(champion.tags or {}), f"{name} v{champion.version}")
-        champion_iou = score(champ_net, champ_post, f"champion v{champion.version} on the same slices")
+        try:
+            champion_iou = score(champ_net, champ_post, f"champion v{champion.version} on the same slices")
+        except ConfigError as exc:  # e.g. a 2.5D champion needs more neighbours than these data hold
+            not_comparable = str(exc)
     # The version's weights carry their post-processing. One folder per file content: re-evaluating the
     # same training run (other evaluate settings) never rewrites what an earlier version loads.
     folder = f"weights/{sha256_of(EVALUATED_MODEL)[:16]}"
@@ -60,7 +64,8 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
             **{k: str(post[k]).lower() for k in ("tta",) if k in post},
             **({"watershed_h": f"{float(metrics['watershed_h']):g}"} if "watershed_h" in metrics else {})}
     result = registry.register_and_decide(run_info["model_uri"], name, run_info["run_id"], val_iou, champion,
-                                          champion_iou, params.register.min_gain, tags=tags)
+                                          champion_iou, params.register.min_gain, tags=tags,
+                                          not_comparable=not_comparable)
     result.update(test_iou=float(metrics["iou"]), val_data_hash=data_hash, val_slices=len(vx))
     write_json(REGISTRATION, result)
     before = "none" if champion_iou is None else f"v{champion.version} {champion_iou:.4f}"
