@@ -66,6 +66,7 @@ def plain_run(params, prep) -> float:
     dm.setup()
     t0 = None
     for i, (x, y) in enumerate(dm.train_dataloader()):
+        net.to(x.device)  # batches cut on the GPU (train.device_patches) arrive there; a no-op after the first
         if i == WARMUP:
             t0 = time.perf_counter()
         loss = segmentation_loss(net(x), y, **params.train.loss.model_dump())

@@ -194,6 +194,14 @@ def test_no_module_but_paths_spells_a_pipeline_path():
     assert not offenders, offenders
 
 
+def test_stage_modules_are_thin():
+    """Stage modules wire a stage to the core modules: study set-up, learning-curve and active-learning
+    logic live in the core, so no stage module grows past about 100 lines."""
+    long = {f.name: n for f in sorted((ROOT / "src/emseg/stages").glob("*.py"))
+            if (n := len(f.read_text().splitlines())) > 110}
+    assert not long, long
+
+
 def test_postprocess_comes_from_the_weights_or_an_older_versions_tags():
     from emseg.registry import postprocess_of
 

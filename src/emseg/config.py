@@ -99,6 +99,10 @@ class ModelParams(_Strict):
     # the field of view per pixel) and returns logits at the input's own size. Part of the saved
     # model, so evaluation, `emseg predict` and MLflow serving all apply it; patches stay in input pixels.
     input_scale: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # 2.5D: each slice is fed with its (z_context - 1) / 2 neighbours above and below as extra input
+    # channels (odd; 1 = plain 2D). Only the centre slice needs labels; the ends of a stack are
+    # mirrored. Part of the saved model, so prediction reads the same neighbours.
+    z_context: Annotated[int, Field(ge=1, le=15)] = 1
 
 
 class InitParams(_Strict):
@@ -145,6 +149,9 @@ class TrainParams(_Strict):
     strategy: str = "auto"
     precision: Optional[str] = None  # None: 16-mixed on a GPU, 32 on the CPU
     channels_last: bool = True  # NHWC layout for the network's tensors: faster steps (benchmarks/bench_layout.py)
+    # Cut and augment the training patches on the training device (emseg.data.device_patches) instead
+    # of in CPU loader workers; auto: on when training on a GPU, off on the CPU.
+    device_patches: Literal["auto", "on", "off"] = "auto"
     threshold: Probability = 0.5
     loss: LossParams = LossParams()
     augment: AugmentParams = AugmentParams()
@@ -345,10 +352,26 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS) -> Params:
         params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+    if params.model.z_context % 2 == 0:
+        raise ConfigError(f"{source}: model.z_context: {params.model.z_context} is even; expected an odd count "
+                          "(the slice itself and as many neighbours above as below), e.g. 1, 3 or 5")
+    if params.data.min_gap <= params.model.z_context // 2:
+        # A training input's neighbours would then include a validation or test slice's image.
+        raise ConfigError(f"{source}: data.min_gap: {params.data.min_gap} is within the reach of model.z_context "
+                          f"{params.model.z_context} (+-{params.model.z_context // 2} slices); expected at least "
+                          f"{params.model.z_context // 2 + 1}, so no input sees another split's slices")
     scaled = params.train.patch_size * params.model.input_scale
     if scaled < 32:
         raise ConfigError(f"{source}: train.patch_size: {params.train.patch_size} px at model.input_scale "
                           f"{params.model.input_scale:g} leaves {scaled:g} px for the network; expected at least 32")
+    return params
+
+
+def require_2d(params: Params, what: str, source: str = PARAMS) -> Params:
+    """``params``, unless they ask for 2.5D input (model.z_context > 1), which ``what`` cannot feed yet."""
+    if params.model.z_context > 1:
+        raise ConfigError(f"{source}: model.z_context: {params.model.z_context}: {what} feeds single slices only "
+                          "so far; set model.z_context: 1 for it")
     return params
 
 

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from emseg import IGNORE
 from emseg.config import EvaluateParams
+from emseg.data.patches import with_context
 from emseg.inference import predict_tiled
 from emseg.instances import connected_instances, instance_scores, match_instances, split_instances, true_instances
 from emseg.metrics import add_counts, confusion, scores
@@ -43,6 +44,7 @@ def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool):
     """Yield each slice's tiled prediction, with a progress bar; the network's layout is switched
     once for the stack (``cfg.inference.channels_last``), not once per slice inside predict_tiled."""
     inf = cfg.inference.model_dump()
+    images = with_context(images, int(getattr(net, "spec", {}).get("z_context", 1)))  # a 2D champion on 2.5D data
     with channels_last(net, cfg.inference.channels_last):
         for i in tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress):
             yield predict_tiled(net, images[i], **inf)
@@ -134,7 +136,7 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
     n = len(images)
     keep_idx = set(np.linspace(0, n - 1, keep).round().astype(int).tolist()) if keep else set()
     examples = []
-    masks = np.zeros((n, *np.shape(images[0])), bool) if objects == "3d" and n else None
+    masks = np.zeros((n, *np.shape(labels[0])), bool) if objects == "3d" and n else None
     for i, prob in enumerate(_probabilities(net, images, cfg, "evaluate", progress)):
         lab = np.asarray(labels[i])
         c = confusion(prob > threshold, lab)

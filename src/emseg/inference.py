@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from emseg.data.patches import pad_to_multiple
+from emseg.data.patches import channels, pad_to_multiple
 from emseg.model.network import channels_last as nhwc
 
 
@@ -22,10 +22,11 @@ def _device(net: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict_slice(net: torch.nn.Module, image: np.ndarray) -> np.ndarray:
-    """Foreground probability of one normalised 2D slice in a single pass (padded to a multiple of 32)."""
+    """Foreground probability of one normalised 2D slice (H, W), or one with its z neighbours (k, H, W),
+    in a single pass (padded to a multiple of 32)."""
     net.eval()
-    padded, (h, w) = pad_to_multiple(np.array(image, dtype=np.float32))
-    x = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(_device(net))
+    padded, (h, w) = pad_to_multiple(channels(np.array(image, dtype=np.float32)))
+    x = torch.from_numpy(np.ascontiguousarray(padded))[None].to(_device(net))
     return torch.sigmoid(net(x))[0, 0, :h, :w].float().cpu().numpy()
 
 
@@ -71,15 +72,16 @@ def _flips(x: torch.Tensor) -> Iterator[tuple[torch.Tensor, Callable]]:
 @torch.no_grad()
 def predict_tiled(net: torch.nn.Module, image: np.ndarray, tile: int = 1024, overlap: int = 128, batch_size: int = 1,
                   tta: bool = False, channels_last: bool = True) -> np.ndarray:
-    """Foreground probability (float32, same shape) of one normalised 2D slice, tile by tile.
+    """Foreground probability (float32, H x W) of one normalised 2D slice (H, W), or one with its z
+    neighbours (k, H, W), tile by tile.
 
     ``channels_last``: run the network in NHWC layout (faster; the network is handed back as it came)."""
     if tile % 32 or overlap < 0 or overlap * 2 >= tile:
         raise ValueError(f"tile must be a multiple of 32 and overlap in [0, tile/2), got {tile}, {overlap}")
     net.eval()
-    h, w = np.shape(image)
-    image, _ = pad_to_multiple(np.array(image, dtype=np.float32))
-    H, W = image.shape
+    h, w = np.shape(image)[-2:]
+    image, _ = pad_to_multiple(channels(np.array(image, dtype=np.float32)))
+    H, W = image.shape[-2:]
     # A side that fits in one tile is predicted in one piece: no extra work for slices smaller than a tile.
     ov = min(overlap, min(tile, H) // 2 - 1, min(tile, W) // 2 - 1) if overlap else 0
     ov = max(ov, 0)
@@ -92,8 +94,8 @@ def predict_tiled(net: torch.nn.Module, image: np.ndarray, tile: int = 1024, ove
     with nhwc(net, channels_last):
         for i in range(0, len(coords), batch_size):
             chunk = coords[i:i + batch_size]
-            x = torch.from_numpy(np.stack([image[y:y + th, x:x + tw] for y, x in chunk]))[:, None].to(device)
-            prob = torch.zeros_like(x)
+            x = torch.from_numpy(np.stack([image[:, y:y + th, x:x + tw] for y, x in chunk])).to(device)
+            prob = torch.zeros_like(x[:, :1])
             views = list(_flips(x)) if tta else [(x, lambda y: y)]
             for view, undo in views:
                 prob += undo(torch.sigmoid(net(view).float()))

@@ -18,13 +18,12 @@ import numpy as np
 import tifffile
 
 from emseg.config import InferenceParams, InstanceParams
-from emseg.data.io import StackReader, inspect_stack, normalise
-from emseg.data.io import stack_stats
+from emseg.data.io import context_stack, inspect_stack, stack_stats
 from emseg.errors import OutputError
 from emseg.fsutil import allocated_memmap, atomic_dir, claim_output, write_json
 from emseg.inference import predict_tiled
 from emseg.instances import split_instances
-from emseg.model.network import SegmentationNet, channels_last, load_weights
+from emseg.model.network import SegmentationNet, channels_last, in_channels, load_weights
 
 
 def predict_stack_iter(net, slices, progress: bool, total: int, inference: InferenceParams):
@@ -90,8 +89,9 @@ def _predicted_slices(net, info, mean: float, std: float, inference, instances, 
     """Yield (probability x 255 as uint8, uint32 instance labels unique through the stack), slice by slice."""
     n = info.shape[0]
     # The layout is switched once for the stack, not once per slice inside predict_tiled.
-    with StackReader(info) as reader, channels_last(net, inference.channels_last):
-        normalised = (normalise(reader.read(z), mean, std) for z in range(n))
+    # Each slice goes in with as many neighbours as the network was trained with (model.z_context).
+    with channels_last(net, inference.channels_last):
+        normalised = context_stack(info, in_channels(net.spec), mean, std)
         for prob in predict_stack_iter(net, normalised, progress, n, inference):
             labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)
             k = int(labels.max())
@@ -144,6 +144,7 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
         summary = {"input": str(input_path), "model": model_ref, "shape": list(shape), "objects": state["next_label"],
                    "slice_files": [f.name for f in info.files] or None,
                    "threshold": threshold, "normalisation": {"mean": mean, "std": std},
+                   "z_context": in_channels(net.spec),
                    "instances": instances.model_dump(exclude={"h_choices"}), "outputs": outputs}
         write_json(tmp / "summary.json", summary)
     return summary

@@ -205,7 +205,7 @@ def export_example(net):
 
     scale = float(net.spec.get("input_scale", 1.0))
     side = [int(np.ceil(s / scale / 32) * 32) for s in (64, 96)]
-    return np.zeros((2, 1, *side), np.float32)
+    return np.zeros((2, int(net.spec.get("z_context", 1)), *side), np.float32)
 
 
 def log_model(net):
@@ -223,7 +223,8 @@ def log_model(net):
 
     served = ProbabilityModel(net).eval()
     example = export_example(net)
-    spec = TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))
+    # Input channels: the slice and its z neighbours (model.z_context), in stack order.
+    spec = TensorSpec(np.dtype(np.float32), (-1, int(net.spec.get("z_context", 1)), -1, -1))
     signature = ModelSignature(inputs=Schema([spec]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]))
     info = mlflow.pytorch.log_model(served, name="model", signature=signature, input_example=example,

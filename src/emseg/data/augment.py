@@ -44,8 +44,11 @@ class Augmenter:
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         # Drive albumentations from the caller's generator: the same (seed, epoch, index) gives the same patch.
         self.transform.set_random_seed(int(rng.integers(2**31)))
-        out = self.transform(image=image, mask=mask)
+        stacked = image.ndim == 3  # (k, H, W): a slice with its z neighbours, moved as one (HWC for albumentations)
+        out = self.transform(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)) if stacked else image, mask=mask)
         image, mask = out["image"], out["mask"]
+        if stacked:
+            image = np.moveaxis(image, -1, 0)
         if self.cfg.gamma and rng.random() < self.cfg.gamma:
             image = _gamma(image, rng)
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask)

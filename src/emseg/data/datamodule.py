@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from emseg import IGNORE
 from emseg.config import TrainParams
 from emseg.data.augment import Augmenter
+from emseg.data.device_patches import DevicePatchSampler, DevicePatchStream
 from emseg.data.patches import MixedPatches, PatchDataset, SliceDataset, pad_crops
 from emseg.data.prepare import load_split
 
@@ -60,7 +61,10 @@ class EMDataModule(L.LightningDataModule):
                                            for i, ((sx, sy), n) in enumerate(zip(self.data.sources, share))])
             self.val_set = ConcatDataset([SliceDataset(a, b) for a, b in self.data.val_sources])
             return
-        if extra is None:
+        if extra is None and self._device() is not None:
+            sampler = DevicePatchSampler(x, y, cfg.patch_size, cfg.foreground_bias, self._device(), self.seed)
+            self.train_set = DevicePatchStream(sampler, cfg.augment, cfg.patches_per_epoch, self.batch_size)
+        elif extra is None:
             self.train_set = PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch, cfg.foreground_bias, aug,
                                           self.seed)
         else:
@@ -75,7 +79,21 @@ class EMDataModule(L.LightningDataModule):
                 PatchDataset(ex, ey, cfg.patch_size, n_extra, cfg.foreground_bias, aug, self.seed + 1)])
         self.val_set = SliceDataset(vx, vy)
 
+    def _device(self) -> str | None:
+        """Where patches are cut, when on the training device (``train.device_patches``); None: CPU loader."""
+        import torch
+
+        gpu = torch.cuda.is_available() and self.cfg.accelerator in ("auto", "gpu", "cuda")
+        if self.cfg.device_patches == "off" or (self.cfg.device_patches == "auto" and not gpu):
+            return None
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:  # each rank would draw the same batches: the
+            return None                                      # CPU path gets Lightning's DistributedSampler
+        return "cuda" if gpu else "cpu"
+
     def train_dataloader(self):
+        if isinstance(self.train_set, DevicePatchStream):  # ready batches, already on the device
+            return DataLoader(self.train_set, batch_size=None, num_workers=0)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
                           drop_last=len(self.train_set) > self.batch_size)
 

@@ -219,6 +219,36 @@ def read_slices(info: StackInfo, indices: Sequence[int]) -> Iterator[np.ndarray]
             yield reader.read(int(z))
 
 
+def context_indices(z: int, n: int, k: int) -> list[int]:
+    """Slice ``z`` of a stack of ``n`` with its (k - 1) / 2 neighbours on each side, in stack order; an
+    index past either end is mirrored back into the stack (reflection without repeating the end slice)."""
+    out = []
+    for j in range(z - k // 2, z + k // 2 + 1):
+        while n > 1 and not 0 <= j < n:
+            j = -j if j < 0 else 2 * (n - 1) - j
+        out.append(j if n > 1 else 0)
+    return out
+
+
+def context_stack(info: StackInfo, k: int, mean: float, std: float) -> Iterator[np.ndarray]:
+    """Every slice of a stack, normalised, in order: (H, W) for ``k`` 1, else (k, H, W) with its
+    neighbours (:func:`context_indices`). Each slice is read once; at most k are held."""
+    n = info.shape[0]
+    held: dict[int, np.ndarray] = {}
+    with StackReader(info) as reader:
+        for z in range(n):
+            if k == 1:
+                yield normalise(reader.read(z), mean, std)
+                continue
+            want = context_indices(z, n, k)
+            for j in want:
+                if j not in held:
+                    held[j] = normalise(reader.read(j), mean, std)
+            yield np.stack([held[j] for j in want])
+            for j in [j for j in held if j < z + 1 - k // 2 and j not in context_indices(z + 1, n, k)]:
+                del held[j]
+
+
 def where(info: StackInfo, z: int) -> str:
     """How errors name slice z: its own file for a folder of slices, the stack and index otherwise."""
     return str(info.files[z]) if info.files else f"{info.path} slice {z}"

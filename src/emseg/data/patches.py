@@ -27,11 +27,37 @@ def pad_to_multiple(x: np.ndarray, multiple: int = 32, value: float = 0.0) -> tu
     return np.pad(x, pad, mode="reflect"), (h, w)
 
 
+def channels(image: np.ndarray) -> np.ndarray:
+    """One network input (C, H, W) from a slice (H, W) or a slice with its z neighbours (k, H, W)."""
+    return image[None] if image.ndim == 2 else image
+
+
+def centre(image: np.ndarray) -> np.ndarray:
+    """The labelled slice of an input: the slice itself (H, W), or the middle of (k, H, W)."""
+    image = np.asarray(image)
+    return image if image.ndim == 2 else image[image.shape[0] // 2]
+
+
+def with_context(images, k: int, where: str = "the prepared inputs"):
+    """Inputs for a network that takes ``k`` slices (model.z_context) from prepared ``images`` that hold
+    K per slice ((n, H, W): K = 1; (n, K, H, W)): the middle k of the K, a view. A network that needs
+    more neighbours than the data hold cannot be fed from them."""
+    held = 1 if np.ndim(images) == 3 else int(np.shape(images)[1])
+    if k == held:
+        return images
+    if k > held:
+        raise ConfigError(f"{where}: hold {held} slice(s) per input; a network with model.z_context {k} needs "
+                          f"{k}: prepare the data with model.z_context >= {k}")
+    lo = held // 2 - k // 2
+    return images[:, held // 2] if k == 1 else images[:, lo:lo + k]
+
+
 class PatchDataset(Dataset):
-    """Random patches from (n, H, W) images and labels; deterministic given (seed, epoch, index)."""
+    """Random patches from images (n, H, W), or (n, k, H, W) with z neighbours, and labels (n, H, W) of
+    the centre slices; deterministic given (seed, epoch, index)."""
 
     def __init__(self, images, labels, patch_size, length, foreground_bias=0.5, augment=None, seed=0):
-        n, h, w = images.shape
+        n, (h, w) = len(images), images.shape[-2:]
         if patch_size > h or patch_size > w:
             raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
         self.images, self.labels = images, labels
@@ -67,7 +93,7 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, idx: int):
         rng = np.random.default_rng([self.seed, self.epoch, idx])
-        n, h, w = self.images.shape
+        h, w = self.images.shape[-2:]
         p = self.patch
         if self.has_fg and rng.random() < self.bias:
             i = int(rng.choice(self.has_fg))
@@ -83,11 +109,11 @@ class PatchDataset(Dataset):
                 cy, cx = ann[rng.integers(len(ann))]
                 y0 = int(np.clip(cy - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, h - p))
                 x0 = int(np.clip(cx - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, w - p))
-        image = np.array(self.images[i, y0:y0 + p, x0:x0 + p], dtype=np.float32)
+        image = np.array(self.images[i, ..., y0:y0 + p, x0:x0 + p], dtype=np.float32)
         label = np.array(self.labels[i, y0:y0 + p, x0:x0 + p], dtype=np.uint8)
         if self.augment is not None:
             image, label = self.augment(image, label, rng)
-        return torch.from_numpy(image)[None], torch.from_numpy(label.astype(np.int64))[None]
+        return torch.from_numpy(channels(image)), torch.from_numpy(label.astype(np.int64))[None]
 
 
 class SliceDataset(Dataset):
@@ -102,7 +128,8 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int):
         image, _ = pad_to_multiple(np.array(self.images[i], dtype=np.float32))
         label, _ = pad_to_multiple(np.asarray(self.labels[i], dtype=np.uint8), value=IGNORE)
-        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(label.astype(np.int64))[None]
+        return (torch.from_numpy(np.ascontiguousarray(channels(image))),
+                torch.from_numpy(label.astype(np.int64))[None])
 
 
 class MixedPatches(Dataset):
@@ -126,9 +153,10 @@ class MixedPatches(Dataset):
 
 def pad_crops(images: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pad crops smaller than ``size`` (reflect for images, IGNORE for labels) so patches fit."""
-    n, h, w = images.shape
+    h, w = images.shape[-2:]
     ph, pw = max(size - h, 0), max(size - w, 0)
     if not ph and not pw:
         return images, labels
     pad = ((0, 0), (0, ph), (0, pw))
-    return np.pad(images, pad, mode="reflect"), np.pad(labels, pad, constant_values=IGNORE)
+    return (np.pad(images, ((0, 0),) * (images.ndim - 2) + pad[1:], mode="reflect"),
+            np.pad(labels, pad, constant_values=IGNORE))

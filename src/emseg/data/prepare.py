@@ -3,7 +3,9 @@
 Outputs in the prepared folder (all written slice by slice through memory maps):
 
 - ``{train,val,test}_images.npy``: float32 (n, y, x), each stack z-scored by its own statistics
-  (per-dataset normalisation, so stacks of different contrast are comparable);
+  (per-dataset normalisation, so stacks of different contrast are comparable); with ``z_context``
+  k > 1, (n, k, y, x): each chosen slice with its (k - 1) / 2 neighbours above and below (the ends of
+  the stack mirrored), unlabelled context for the labelled centre slice;
 - ``{train,val,test}_labels.npy``: uint8 (n, y, x), 0 background, 1 foreground, ``IGNORE`` (255)
   for pixels the annotator left unlabelled;
 - ``{train,val,test}_instances.npy``: uint32 object labels, only where the source knows its objects
@@ -23,8 +25,8 @@ from tqdm.auto import tqdm
 
 from emseg import IGNORE
 from emseg.config import DataParams
-from emseg.data.io import (StackInfo, StackReader, check_image_dtype, check_pair, check_values, inspect_stack,
-                          label_mapping, normalise, stack_stats, where)
+from emseg.data.io import (StackInfo, StackReader, check_image_dtype, check_pair, check_values, context_indices,
+                          inspect_stack, label_mapping, normalise, stack_stats, where)
 from emseg.data.sources import load_source
 from emseg.errors import ConfigError, DataError
 from emseg.fsutil import allocated_memmap, atomic_dir, write_json
@@ -144,17 +146,23 @@ def split_distances(splits: dict[str, list[int]]) -> dict[str, int | None]:
     return out
 
 
-def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg_value) -> dict:
+def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg_value, z_context: int = 1) -> dict:
     n, (h, w) = len(indices), img_info.shape[1:]
-    images = allocated_memmap(out / f"{name}_images.npy", np.float32, (n, h, w))
+    k = z_context
+    images = allocated_memmap(out / f"{name}_images.npy", np.float32, (n, h, w) if k == 1 else (n, k, h, w))
     labels = allocated_memmap(out / f"{name}_labels.npy", np.uint8, (n, h, w))
     mean, std = stats
     fg = labelled = 0
     with StackReader(img_info) as ir, StackReader(lab_info) as lr:
         for i, z in enumerate(tqdm(indices, desc=f"prepare {name}", unit="slice")):
-            img = ir.read(z)
-            check_values(img, where(img_info, z))
-            images[i] = normalise(img, mean, std)
+            if k == 1:
+                img = ir.read(z)
+                check_values(img, where(img_info, z))
+                images[i] = normalise(img, mean, std)
+            for c, zc in enumerate(context_indices(z, img_info.shape[0], k) if k > 1 else []):
+                img = ir.read(zc)
+                check_values(img, where(img_info, zc))
+                images[i, c] = normalise(img, mean, std)
             lab = lr.read(z)
             label_mapping(set(np.unique(lab).tolist()), lab_info.path, ignore)  # every slice checked
             out_lab = np.where(lab == fg_value, 1, 0).astype(np.uint8)
@@ -168,7 +176,8 @@ def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg
     del images, labels
     if labelled == 0:
         raise DataError(f"{lab_info.path}: every pixel of the {name} slices {list(indices)} is the ignore value")
-    return {"slices": [int(z) for z in indices], "shape": [n, h, w], "foreground_fraction": fg / labelled,
+    return {"slices": [int(z) for z in indices], "shape": [n, h, w], "z_context": k,
+            "foreground_fraction": fg / labelled,
             "labelled_fraction": labelled / (n * h * w)}
 
 
@@ -191,11 +200,12 @@ def _fg_value(lab_info: StackInfo, indices, ignore) -> int:
     return label_mapping(values, lab_info.path, ignore)
 
 
-def prepare(params: DataParams, raw_dir: str | Path, out_dir: str | Path) -> dict:
-    """Validate the raw stacks, pick slices, write normalised arrays and the manifest (all or nothing)."""
+def prepare(params: DataParams, raw_dir: str | Path, out_dir: str | Path, z_context: int = 1) -> dict:
+    """Validate the raw stacks, pick slices, write normalised arrays and the manifest (all or nothing).
+    ``z_context`` (model.z_context): how many slices each input holds, the labelled one in the middle."""
     desc = load_source(raw_dir)
     try:
-        return _prepare(params, Path(raw_dir), Path(out_dir), desc)
+        return _prepare(params, Path(raw_dir), Path(out_dir), desc, z_context)
     except DataError as exc:
         # Name the user's own file, not our copy of it under data/raw.
         msg = str(exc)
@@ -206,7 +216,7 @@ def prepare(params: DataParams, raw_dir: str | Path, out_dir: str | Path) -> dic
         raise DataError(msg) from None
 
 
-def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> dict:
+def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict, z_context: int = 1) -> dict:
     infos = {role: inspect_stack(raw_dir / f["name"]) for role, f in desc["files"].items()}
     train_img, train_lab = infos["train_image"], infos["train_labels"]
     check_image_dtype(train_img)
@@ -242,6 +252,7 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
     test_stats = stack_stats(test_img) if test_img is not train_img else train_stats
 
     manifest = {"source": desc["source"], "files": desc["files"], "ignore_value": ignore, "min_gap": gap,
+                "z_context": z_context,
                 "nearest_other_split": distances,
                 "internal_labels": {"background": 0, "foreground": 1, "ignore": IGNORE},
                 "normalisation": {"train": dict(zip(("mean", "std"), train_stats)),
@@ -252,7 +263,7 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
                   ("val", train_img, train_lab, val_idx, train_stats, fg_train),
                   ("test", test_img, test_lab, test_idx, test_stats, fg_test))
         for name, img, lab, idx, stats, fgv in splits:
-            manifest["splits"][name] = _write_split(name, img, lab, idx, stats, tmp, ignore, fgv)
+            manifest["splits"][name] = _write_split(name, img, lab, idx, stats, tmp, ignore, fgv, z_context)
         # Object labels where the source knows them (the generator's 2D objects): instance scores use them.
         role = {"train": "train_instances", "val": "train_instances",
                 "test": "test_instances" if "test_image" in infos else "train_instances"}
@@ -264,6 +275,9 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict) -> di
             manifest["instances"] = None
         held_out = {"validation": val_idx, "test": test_idx if test_img is train_img else []}
         manifest["annotations"] = _write_annotations(params.annotations, tmp, desc, held_out, gap)
+        if z_context > 1 and manifest["annotations"]["patches"]:
+            raise ConfigError(f"{params.annotations}: painted crops hold one slice, without the neighbours that "
+                              f"model.z_context {z_context} feeds; set data.annotations: null or model.z_context: 1")
         if manifest["splits"]["train"]["foreground_fraction"] == 0:
             raise DataError(f"{train_lab.path}: the training slices {train_idx} hold no foreground; nothing to learn")
         write_json(tmp / "manifest.json", manifest)

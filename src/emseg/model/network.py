@@ -1,7 +1,8 @@
 """Network factory and transfer-learning initialisation.
 
-``build_network`` makes a segmentation-models-pytorch network with one input channel and one output
-channel (logits). It never downloads anything: ImageNet weights come only from a local file.
+``build_network`` makes a segmentation-models-pytorch network with one input channel per slice it sees
+(1, or ``model.z_context`` for 2.5D) and one output channel (logits). It never downloads anything:
+ImageNet weights come only from a local file.
 ``SegmentationNet`` is what gets saved: it remembers how it was built, so a weights file
 (``save_weights``) can be loaded back safely (``torch.load(weights_only=True)``) without pickled code.
 """
@@ -22,6 +23,12 @@ from emseg.config import InitParams, ModelParams
 from emseg.errors import ConfigError, EmsegError
 
 
+def in_channels(spec: dict[str, Any]) -> int:
+    """Input channels of a network built from ``spec``: the slice and its z neighbours (``z_context``;
+    1 for a plain 2D network and for every weights file written before 2.5D existed)."""
+    return int(spec.get("z_context", 1))
+
+
 class SegmentationNet(nn.Module):
     """An smp network plus the spec it was built from; ``forward`` returns logits (N, 1, H, W)."""
 
@@ -31,7 +38,7 @@ class SegmentationNet(nn.Module):
         self.spec = dict(spec)
         try:
             arch = getattr(smp, spec["arch"])
-            kwargs = dict(encoder_name=spec["encoder"], encoder_weights=None, in_channels=1, classes=1)
+            kwargs = dict(encoder_name=spec["encoder"], encoder_weights=None, in_channels=in_channels(spec), classes=1)
             if spec["arch"] in ("Unet", "UnetPlusPlus", "MAnet"):
                 kwargs["decoder_channels"] = list(spec["decoder_channels"])
         except (KeyError, AttributeError, TypeError) as exc:
@@ -96,7 +103,7 @@ _DECODER_TAKES_LIST = tuple(int(v) for v in smp.__version__.split(".")[:2]) >= (
 
 
 class ProbabilityModel(nn.Module):
-    """Served flavour: normalised image (N, 1, H, W) float32 -> foreground probability."""
+    """Served flavour: normalised image (N, z_context, H, W) float32 -> foreground probability."""
 
     def __init__(self, net: SegmentationNet):
         super().__init__()
@@ -130,7 +137,9 @@ def channels_last(net: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
 
 
 def model_spec(cfg: ModelParams) -> dict[str, Any]:
-    return cfg.model_dump()
+    """What a weights file records to rebuild the network; a plain 2D network's spec stays as it was
+    before 2.5D existed (no ``z_context``), so its files and their hashes do not change."""
+    return cfg.model_dump(exclude={"z_context"} if cfg.z_context == 1 else set())
 
 
 def build_network(cfg: ModelParams) -> SegmentationNet:
@@ -193,8 +202,16 @@ def _load_matching(net: SegmentationNet, sd: dict[str, torch.Tensor], source: st
         key = prefix + k
         if key in own and own[key].shape == v.shape:
             matched[key] = v
-        elif key in own and own[key].ndim == 4 and v.ndim == 4 and v.shape[1] == 3 and own[key].shape[1] == 1:
-            matched[key] = v.sum(dim=1, keepdim=True)  # RGB first conv -> one grey channel, as smp does
+        elif key in own and own[key].ndim == 4 and v.ndim == 4 and own[key].shape[1] == in_channels(net.spec) and \
+                own[key].shape[0] == v.shape[0] and own[key].shape[2:] == v.shape[2:]:
+            # First convolution of another width: summed to one grey channel (RGB, as smp does) and put
+            # on the centre slice, the neighbours' weights zero: a 2D network starts a 2.5D one as the
+            # same network. (RGB weights into a 3-slice network match in shape above and load as they
+            # are, one colour per slice; a 2.5D checkpoint of another width is summed the same way.)
+            width = own[key].shape[1]
+            first = torch.zeros_like(own[key])
+            first[:, width // 2:width // 2 + 1] = v.sum(dim=1, keepdim=True)
+            matched[key] = first
     if not matched:
         raise EmsegError(f"{source}: no weights match this network ({net.spec['arch']} / {net.spec['encoder']})")
     own.update(matched)

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from emseg.config import Params
 from emseg.model.bn import PreciseBatchNorm
-from emseg.data.datamodule import EMDataModule
+from emseg.data.datamodule import ArraySplits, EMDataModule
+from emseg.data.prepare import load_split
+from emseg.errors import ConfigError
 from emseg.model.module import SegmentationModule
 from emseg.model.network import SegmentationNet, channels_last, initialise, model_spec
 
@@ -69,6 +72,8 @@ class FitResult:
 def _quiet() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    # DevicePatchStream is an IterableDataset with a length, always read by the main process (no workers).
+    warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
@@ -91,6 +96,18 @@ class FreezeEncoder(Callback):
         encoder.train(not frozen)
 
 
+def _check_z_context(data, k: int) -> None:
+    """The training inputs hold as many slices each as the network takes (model.z_context)."""
+    if isinstance(data, ArraySplits):
+        x, where = data.train[0], "the training arrays"
+    else:
+        x, where = load_split(Path(data), "train")[0], str(Path(data) / "train_images.npy")
+    got = 1 if np.ndim(x) == 3 else int(np.shape(x)[1])
+    if got != k:
+        raise ConfigError(f"{where}: holds {got} slice(s) per input but model.z_context is {k}; prepare the data "
+                          "again (emseg prepare, or dvc repro)")
+
+
 def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: int,
         max_epochs: int | None = None, max_minutes: float | None = None, callbacks=(), on_epoch=None,
         progress: bool = True, checkpoints: bool = True, resume: bool = False,
@@ -111,6 +128,7 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
         init_desc = "previous round"
     else:
         init_desc = initialise(module.net, cfg.init)
+    _check_z_context(data, params.model.z_context)
     dm = EMDataModule(data, cfg, batch_size, params.seed)
     history = History(on_epoch)
     # PreciseBatchNorm first: validation, checkpoints and pruning must all see the recalibrated network.

@@ -12,7 +12,7 @@ import numpy as np
 from emseg import tracking
 from emseg.active.data import load_data
 from emseg.active.loop import simulate
-from emseg.config import load_params
+from emseg.config import load_params, require_2d
 from emseg.curves import by_budget, series, strategies_markdown, summarise_strategies, write_csv
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
@@ -22,7 +22,8 @@ from emseg.paths import ACTIVE_LEARNING_DIR, PARAMS
 def run(params_path: str = PARAMS) -> dict:
     from emseg.registry import local_init
 
-    with local_init(load_params(params_path)) as params:  # registry init weights fetched once
+    params = require_2d(load_params(params_path), "the active-learning simulation")
+    with local_init(params) as params:  # registry init weights fetched once
         return _run(params, params_path)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from emseg import tracking
 from emseg.config import load_params
 from emseg.data.prepare import load_instances, load_split
+from emseg.data.patches import centre
 from emseg.evaluate import choose_tta, choose_watershed_h, evaluate_stack, runs_of
 from emseg.fsutil import atomic_file, staged_files, write_json
 from emseg.model.network import load_weights, save_weights
@@ -68,7 +69,7 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
         _write_csv(rep / "pr_curve.csv", ev.pr_curve)
         _write_csv(rep / "watershed_h.csv", h_rows)
         if ev.examples:
-            plot_overlays([images[i] for i, _ in ev.examples], [labels[i] for i, _ in ev.examples],
+            plot_overlays([centre(images[i]) for i, _ in ev.examples], [labels[i] for i, _ in ev.examples],
                           [p for _, p in ev.examples], rep / "overlays.png", params.train.threshold,
                           titles=[f"test slice {i}: green truth, magenta prediction" for i, _ in ev.examples])
         run_id = json.loads(Path(TRAIN_RUN).read_text())["run_id"]

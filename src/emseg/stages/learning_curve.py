@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 from emseg import registry, tracking
-from emseg.config import load_params
+from emseg.config import load_params, require_2d
 from emseg.curves import learning_curve_markdown, series, summarise_learning_curve, write_csv
 from emseg.fsutil import staged_files, write_json
 from emseg.learning_curve import load_target, slice_counts, train_points
@@ -24,7 +24,7 @@ def run(params_path: str = PARAMS) -> dict:
 
     from emseg.plots import plot_mean_band
 
-    params = load_params(params_path)
+    params = require_2d(load_params(params_path), "the learning-curve pipeline")
     cfg = params.learning_curve
     source, x, y, val_idx, pool, tx, ty = load_target(params)
     counts = slice_counts(cfg, len(pool))

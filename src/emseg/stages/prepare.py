@@ -9,12 +9,14 @@ from emseg.paths import PARAMS, PREPARED_DIR, RAW_DIR
 
 def run(params_path: str = PARAMS, raw_dir: str = RAW_DIR, out_dir: str = PREPARED_DIR) -> dict:
     params = load_params(params_path)
-    manifest = prepare(params.data, raw_dir, out_dir)
+    manifest = prepare(params.data, raw_dir, out_dir, params.model.z_context)
     s = manifest["splits"]
     print(
         f"prepare: {len(s['train']['slices'])} train slices {s['train']['slices']}, "
         f"{len(s['val']['slices'])} val, {s['test']['shape'][0]} test; "
         f"foreground {100 * s['train']['foreground_fraction']:.1f}%"
+        + (f"; each with {manifest['z_context'] - 1} neighbouring slices as context"
+           if manifest["z_context"] > 1 else "")
         + (f"; {manifest['annotations']['patches']} painted suggestion(s) from {manifest['annotations']['folder']}/"
            if manifest["annotations"]["patches"] else "")
         + f" -> {out_dir}"

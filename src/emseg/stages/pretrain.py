@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from emseg import registry, tracking
-from emseg.config import derive, load_params
+from emseg.config import derive, load_params, require_2d
 from emseg.errors import ConfigError
 from emseg.fsutil import staged_files, write_json
 from emseg.paths import PARAMS, PRETRAIN_DIR, PRETRAINED_MODEL
@@ -55,7 +55,7 @@ def run(params_path: str = PARAMS) -> dict:
     from emseg.model.train import CURVE_KEYS, fit
     from emseg.plots import plot_curves
 
-    params = load_params(params_path)
+    params = require_2d(load_params(params_path), "cross-dataset pretraining")
     cfg = params.pretrain
     if not cfg.sources:
         raise ConfigError(f"{params_path}: pretrain.sources: at least one source dataset is required")

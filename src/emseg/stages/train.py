@@ -10,6 +10,7 @@ from pathlib import Path
 
 from emseg.config import load_params
 from emseg.data.prepare import load_split
+from emseg.data.patches import centre
 from emseg.fsutil import staged_files, write_json
 from emseg.inference import predict_slice
 from emseg.model.network import save_weights
@@ -79,7 +80,7 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
             vx, vy = load_split(prepared_dir, "val")
             k = min(2, len(vx))
             probs = [predict_slice(result.net, vx[i]) for i in range(k)]
-            plot_overlays([vx[i] for i in range(k)], [vy[i] for i in range(k)], probs, rep / "val_overlays.png",
+            plot_overlays([centre(vx[i]) for i in range(k)], [vy[i] for i in range(k)], probs, rep / "val_overlays.png",
                           params.train.threshold)
             mlflow.log_artifact(str(rep / "curves.png"))
             mlflow.log_artifact(str(rep / "val_overlays.png"))

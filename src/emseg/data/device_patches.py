@@ -1,0 +1,209 @@
+"""Patches cut and augmented where the network trains (a GPU), so the CPU loader never sets the pace.
+
+The labelled slices (and their z neighbours) are copied to the device once. Each step draws a whole
+batch there: crop corners (a share ``foreground_bias`` centred near a labelled foreground pixel, as
+:class:`emseg.data.patches.PatchDataset` does), then flips, 90-degree rotations, an elastic warp and
+intensity changes applied to the batch at once. Geometric transforms move image and mask together
+(the mask by nearest neighbour, so IGNORE survives); intensity transforms touch the image only.
+
+Everything is plain torch, so it runs (and is tested) on CPU tensors too; on the CPU the
+worker-based :class:`~emseg.data.patches.PatchDataset` path stays the default.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import IterableDataset
+
+from emseg import IGNORE
+from emseg.config import AugmentParams
+from emseg.errors import ConfigError
+
+
+def _as_nchw(images) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    return x[:, None] if x.ndim == 3 else x
+
+
+class DevicePatchSampler:
+    """Random (image, label) patches of the labelled slices, drawn on ``device`` a batch at a time.
+
+    ``images``: (n, H, W) or (n, k, H, W); ``labels``: (n, H, W) with 0, 1 and IGNORE."""
+
+    def __init__(self, images, labels, patch_size: int, foreground_bias: float = 0.5, device="cpu", seed: int = 0):
+        self.x = _as_nchw(images).to(device)
+        self.y = torch.as_tensor(np.asarray(labels, dtype=np.uint8)).to(device)
+        n, _, h, w = self.x.shape
+        if patch_size > h or patch_size > w:
+            raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
+        self.patch, self.bias, self.device = patch_size, foreground_bias, torch.device(device)
+        self.seed = seed
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        # Per slice: foreground pixel coordinates and, where a slice is only partly labelled, annotated
+        # ones, subsampled to at most 20000 each (as the CPU sampler keeps them).
+        self.fg, self.ann = [], []
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            lab = np.asarray(labels[i])
+            ys, xs = np.nonzero(lab == 1)
+            pick = rng.permutation(len(ys))[:20000]
+            self.fg.append(torch.as_tensor(np.column_stack([ys[pick], xs[pick]])).to(device))
+            ignored = lab == IGNORE
+            if ignored.any():
+                ys, xs = np.nonzero(~ignored)
+                pick = rng.permutation(len(ys))[:20000]
+                self.ann.append(torch.as_tensor(np.column_stack([ys[pick], xs[pick]])).to(device))
+            else:
+                self.ann.append(None)  # fully labelled: a corner anywhere will do
+        self.has_fg = [i for i in range(n) if len(self.fg[i])]
+        self.usable = [i for i in range(n) if self.ann[i] is None or len(self.ann[i])]
+        if not self.usable:
+            raise ConfigError("training data: every training pixel is marked ignore; nothing to learn from")
+
+    def _ints(self, high: int, size: int) -> torch.Tensor:
+        return torch.randint(high, (size,), generator=self.gen, device=self.device)
+
+    def _near(self, pool: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Corners of patches centred near ``size`` random pixels of ``pool``, jittered by up to p/4."""
+        p = self.patch
+        h, w = self.x.shape[-2:]
+        c = pool[self._ints(len(pool), size)]
+        jitter = torch.randint(-(p // 4), p // 4 + 1, (size, 2), generator=self.gen, device=self.device)
+        return ((c[:, 0] - p // 2 + jitter[:, 0]).clamp(0, h - p), (c[:, 1] - p // 2 + jitter[:, 1]).clamp(0, w - p))
+
+    def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (B, C, p, p) float32, labels (B, 1, p, p) int64) on the device. As the CPU sampler: a
+        share ``foreground_bias`` picks a slice with foreground and centres near one of its foreground
+        pixels; the rest pick any usable slice and a corner anywhere (near an annotated pixel on a
+        partly labelled slice)."""
+        p, dev = self.patch, self.device
+        h, w = self.x.shape[-2:]
+        on_fg = torch.rand(batch, generator=self.gen, device=dev) < self.bias
+        if not self.has_fg:
+            on_fg[:] = False
+        has_fg = torch.as_tensor(self.has_fg or [0], device=dev)
+        usable = torch.as_tensor(self.usable, device=dev)
+        s = torch.where(on_fg, has_fg[self._ints(len(has_fg), batch)], usable[self._ints(len(usable), batch)])
+        y0 = self._ints(h - p + 1, batch)
+        x0 = self._ints(w - p + 1, batch)
+        for i in torch.unique(s).tolist():
+            for near_fg in (True, False):
+                sel = (s == i) & (on_fg if near_fg else ~on_fg)
+                pool = self.fg[i] if near_fg else self.ann[i]
+                if pool is None or not sel.any():
+                    continue
+                y0[sel], x0[sel] = self._near(pool, int(sel.sum()))
+        ar = torch.arange(p, device=dev)
+        rows = (y0[:, None] + ar)[:, :, None]   # (B, p, 1)
+        cols = (x0[:, None] + ar)[:, None, :]   # (B, 1, p)
+        img = self.x[s[:, None, None], :, rows, cols]            # (B, p, p, C)
+        lab = self.y[s[:, None, None], rows, cols]               # (B, p, p)
+        return img.permute(0, 3, 1, 2).contiguous(), lab[:, None].long()
+
+
+def _per_sample(batch: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(batch, generator=gen, device=device) < p
+
+
+def _elastic_grid(batch: int, size: int, max_shift: float, spacing: float, gen, device) -> torch.Tensor:
+    """A smooth random displacement (B, size, size, 2) in grid_sample's [-1, 1] coordinates: uniform noise
+    on control points about ``spacing`` px apart, upsampled smoothly; at most about ``max_shift`` px."""
+    coarse = max(2, int(round(size / spacing)) + 1)
+    noise = torch.rand(batch, 2, coarse, coarse, generator=gen, device=device) * 2 - 1
+    disp = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=True) * max_shift
+    ar = torch.linspace(-1, 1, size, device=device)
+    gy, gx = torch.meshgrid(ar, ar, indexing="ij")
+    base = torch.stack([gx, gy], -1)[None]
+    return base + disp.permute(0, 2, 3, 1) * (2 / (size - 1))
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each sample with its own sigma (separable, reflect padding)."""
+    r = int(np.ceil(3 * float(sigma.max())))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)                              # (B, 2r+1)
+    b, c, h, w = x.shape
+    flat = x.reshape(1, b * c, h, w)
+    kk = k.repeat_interleave(c, 0)
+    flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="reflect"), kk[:, None, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="reflect"), kk[:, None, :, None], groups=b * c)
+    return flat.reshape(b, c, h, w)
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: AugmentParams,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU :class:`~emseg.data.augment.Augmenter`'s transforms, on a device batch.
+
+    ``x``: (B, C, p, p) float images (C: the slice and its z neighbours, moved as one); ``y``: (B, 1, p, p)
+    labels. Each sample gets its own draw of every transform."""
+    b, dev = len(x), x.device
+    if cfg.flip:
+        for dim in (-1, -2):
+            m = _per_sample(b, cfg.flip, gen, dev)
+            x = torch.where(m[:, None, None, None], x.flip(dim), x)
+            y = torch.where(m[:, None, None, None], y.flip(dim), y)
+    if cfg.rotate90 and x.shape[-1] == x.shape[-2]:
+        m = _per_sample(b, cfg.rotate90, gen, dev)
+        turns = torch.randint(0, 4, (b,), generator=gen, device=dev)  # as RandomRotate90: 0 to 3 quarter turns
+        for t in (1, 2, 3):
+            sel = (m & (turns == t))[:, None, None, None]
+            x = torch.where(sel, torch.rot90(x, t, (-2, -1)), x)
+            y = torch.where(sel, torch.rot90(y, t, (-2, -1)), y)
+    if cfg.elastic:
+        m = _per_sample(b, cfg.elastic, gen, dev)
+        if m.any():
+            grid = _elastic_grid(int(m.sum()), x.shape[-1], max_shift=4.0, spacing=24.0, gen=gen, device=dev)
+            if x.shape[-1] != x.shape[-2]:
+                grid = F.interpolate(grid.permute(0, 3, 1, 2), size=x.shape[-2:], mode="bilinear",
+                                     align_corners=True).permute(0, 2, 3, 1)
+            x = x.clone()
+            y = y.clone()
+            x[m] = F.grid_sample(x[m], grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+            y[m] = F.grid_sample(y[m].float(), grid, mode="nearest", padding_mode="reflection",
+                                 align_corners=True).round().to(y.dtype)
+    if cfg.brightness_contrast:
+        m = _per_sample(b, cfg.brightness_contrast, gen, dev)[:, None, None, None]
+        gain = 1 + (torch.rand(b, 1, 1, 1, generator=gen, device=dev) * 0.6 - 0.3)
+        shift = (torch.rand(b, 1, 1, 1, generator=gen, device=dev) * 0.6 - 0.3) * x.mean(dim=(1, 2, 3), keepdim=True)
+        x = torch.where(m, x * gain + shift, x)  # albumentations' brightness_by_max=False: shift by the mean
+    if cfg.noise:
+        m = _per_sample(b, cfg.noise, gen, dev)[:, None, None, None]
+        std = 0.05 + torch.rand(b, 1, 1, 1, generator=gen, device=dev) * 0.15
+        x = torch.where(m, x + std * torch.randn(x.shape, generator=gen, device=dev), x)
+    if cfg.blur:
+        m = _per_sample(b, cfg.blur, gen, dev)
+        if m.any():
+            sigma = 0.3 + torch.rand(int(m.sum()), generator=gen, device=dev) * 0.9
+            x = x.clone()
+            x[m] = _gaussian_blur(x[m], sigma)
+    if cfg.gamma:
+        m = _per_sample(b, cfg.gamma, gen, dev)[:, None, None, None]
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        g = 0.7 + torch.rand(b, 1, 1, 1, generator=gen, device=dev) * 0.8
+        span = (hi - lo).clamp_min(1e-6)
+        x = torch.where(m & (hi - lo > 1e-6), ((x - lo) / span).clamp(0, 1) ** g * span + lo, x)
+    return x.contiguous(), y.contiguous()
+
+
+class DevicePatchStream(IterableDataset):
+    """One epoch of ready batches on the device: ``length`` patches in batches of ``batch_size``, each
+    cut and augmented there. Used with ``DataLoader(batch_size=None, num_workers=0)``."""
+
+    def __init__(self, sampler: DevicePatchSampler, cfg: AugmentParams, length: int, batch_size: int):
+        self.sampler, self.cfg, self.length, self.batch_size = sampler, cfg, length, batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Each epoch's patches follow from (seed, epoch): a resumed run draws what it would have drawn."""
+        self.sampler.gen.manual_seed(self.sampler.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return max(1, self.length // self.batch_size)
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            x, y = self.sampler.sample(self.batch_size)
+            yield augment_batch(x, y, self.cfg, self.sampler.gen)

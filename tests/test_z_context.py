@@ -1,0 +1,141 @@
+"""2.5D input (model.z_context): each slice goes into the network with its neighbours, the same way in
+prepare, training, evaluation and `emseg predict`. On a crop of the real EPFL test stack."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import EPFL, require_shared, run_cli
+from emseg.config import InitParams, parse_params
+from emseg.data.io import context_indices, inspect_stack, normalise, stack_stats
+from emseg.data.patches import with_context
+from emseg.data.prepare import load_split, prepare
+from emseg.data.sources import fetch_raw
+from emseg.errors import ConfigError
+from emseg.inference import predict_tiled
+from emseg.model.network import build_network, initialise, save_weights
+from emseg.predict import predict_to_folder
+
+N = 14  # slices of the crop: training, validation and a test block at the end, min_gap apart
+SMALL_NET = {"decoder_channels": [64, 32, 16, 16, 8]}
+
+
+def _raw_params(crop: dict, k: int) -> dict:
+    return {"data": {"source": "tiff", "tiff": {"image": str(crop["image"]), "labels": str(crop["labels"])},
+                     "train_slices": 3, "val_slices": 1, "test_slices": 2, "annotations": None},
+            "model": {**SMALL_NET, "z_context": k},
+            "train": {"patch_size": 96, "patches_per_epoch": 64, "batch_size": 8, "max_epochs": 8, "lr": 0.003,
+                      "early_stopping_patience": 8}}
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory):
+    """14 slices of 256x320 from EPFL testing.tif with their labels, prepared with 3 and with 1 slice per input."""
+    require_shared()
+    d = tmp_path_factory.mktemp("zctx")
+    window = (slice(20, 20 + N), slice(300, 556), slice(400, 720))
+    with tifffile.TiffFile(EPFL / "testing.tif") as tf:
+        image = tf.asarray()[window]
+    with tifffile.TiffFile(EPFL / "testing_groundtruth.tif") as tf:
+        labels = tf.asarray()[window]
+    out = {"dir": d, "image": d / "image.tif", "labels": d / "labels.tif", "stack": image, "truth": labels == 255}
+    tifffile.imwrite(out["image"], image)
+    tifffile.imwrite(out["labels"], labels)
+    for k in (3, 1):
+        params = parse_params(_raw_params(out, k))
+        fetch_raw(params.data, d / f"raw{k}")
+        out[f"manifest{k}"] = prepare(params.data, d / f"raw{k}", d / f"prep{k}", k)
+        out[f"params{k}"] = params
+    return out
+
+
+def test_context_indices_mirror_the_ends_of_the_stack():
+    assert context_indices(5, 10, 3) == [4, 5, 6]
+    assert context_indices(0, 10, 3) == [1, 0, 1]
+    assert context_indices(9, 10, 5) == [7, 8, 9, 8, 7]
+    assert context_indices(0, 2, 5) == [0, 1, 0, 1, 0]
+    assert context_indices(0, 1, 3) == [0, 0, 0]
+    assert context_indices(4, 10, 1) == [4]
+
+
+def test_z_context_settings_are_checked():
+    with pytest.raises(ConfigError, match="model.z_context: 2 is even"):
+        parse_params({"model": {"z_context": 2}})
+    # +-2 neighbours would let a training input see a validation slice 2 away.
+    with pytest.raises(ConfigError, match="data.min_gap: 2 is within the reach of model.z_context 5"):
+        parse_params({"model": {"z_context": 5}})
+    assert parse_params({"model": {"z_context": 5}, "data": {"min_gap": 3}}).model.z_context == 5
+
+
+def test_prepare_keeps_each_labelled_slices_neighbours(crop):
+    m = crop["manifest3"]
+    assert m["z_context"] == 3
+    mean, std = m["normalisation"]["train"]["mean"], m["normalisation"]["train"]["std"]
+    for split in ("train", "val", "test"):
+        x, y = load_split(crop["dir"] / "prep3", split)
+        zs = m["splits"][split]["slices"]
+        assert x.shape == (len(zs), 3, 256, 320) and y.shape == (len(zs), 256, 320)
+        for i, z in enumerate(zs):
+            for c, zc in enumerate(context_indices(z, N, 3)):
+                np.testing.assert_allclose(x[i, c], normalise(crop["stack"][zc], mean, std), atol=1e-5)
+            assert np.array_equal(y[i] == 1, crop["truth"][z])  # labels: the centre slice only
+        # The 2D preparation is the centre of the 2.5D one.
+        x1, _ = load_split(crop["dir"] / "prep1", split)
+        assert np.array_equal(np.asarray(with_context(x, 1)), np.asarray(x1))
+    assert m["splits"]["test"]["slices"] == [12, 13]  # the last slice's upper neighbour is mirrored
+    x, _ = load_split(crop["dir"] / "prep3", "test")
+    assert np.array_equal(x[1, 0], x[1, 2])
+
+
+def _first_conv(net):
+    return next(p for p in net.parameters() if p.dim() == 4 and p.shape[1] == net.spec.get("z_context", 1))
+
+
+def test_2d_weights_start_a_25d_network_and_predict_feeds_the_right_neighbours(crop, tmp_path):
+    torch.manual_seed(0)
+    net2d = build_network(crop["params1"].model).eval()
+    with torch.no_grad():  # a steep head, so that predictions spread over [0, 1] and differences show
+        for p in net2d.net.segmentation_head.parameters():
+            p.mul_(40)
+    save_weights(net2d, tmp_path / "2d.pt")
+    net3 = build_network(crop["params3"].model)
+    initialise(net3, InitParams(mode="checkpoint", path=str(tmp_path / "2d.pt")))
+    net3.eval()
+    x, _ = load_split(crop["dir"] / "prep3", "test")
+    # 2D weights in the centre channel, zeros for the neighbours: the 2.5D network starts as the 2D one.
+    np.testing.assert_allclose(predict_tiled(net3, x[0]), predict_tiled(net2d, x[0, 1]), atol=1e-4)
+
+    with torch.no_grad():  # now let it look only at the slice below: channel 0 of (z - 1, z, z + 1)
+        w = _first_conv(net3)
+        w[:, 0], w[:, 1] = w[:, 1].clone(), 0
+    out = predict_to_folder(net3, crop["image"], tmp_path / "pred", progress=False)
+    assert out["shape"] == [N, 256, 320]
+    got = tifffile.imread(tmp_path / "pred" / "probabilities.tif").astype(np.float32) / 255
+    mean, std = stack_stats(inspect_stack(crop["image"]))
+    norm = [normalise(s, mean, std) for s in crop["stack"]]
+    below = np.stack([predict_tiled(net2d, norm[context_indices(z, N, 3)[0]]) for z in range(N)])
+    above = np.stack([predict_tiled(net2d, norm[context_indices(z, N, 3)[2]]) for z in range(N)])
+    assert below.std() > 0.2  # the comparison below means something
+    assert np.abs(got - below).max() <= 1 / 255 + 1e-3
+    assert np.abs(got - above).mean() > 10 * np.abs(got - below).mean()  # the other neighbour would not do
+
+
+def test_a_25d_network_trains_and_predicts_from_its_file_as_evaluation_does(crop, tmp_path):
+    from emseg.model.train import fit
+
+    res = fit(crop["params3"], crop["dir"] / "prep3", tmp_path / "work", lr=0.003, batch_size=8, progress=False)
+    assert res.net.spec["z_context"] == 3
+    fg = float(np.mean(crop["truth"]))
+    # Calling every pixel foreground scores IoU = the foreground fraction; training must do far better.
+    assert res.best_score > max(0.4, 3 * fg), (res.best_score, fg)
+    save_weights(res.net, tmp_path / "m.pt")
+    proc = run_cli(["emseg", "predict", "--model", str(tmp_path / "m.pt"), str(crop["image"]), str(tmp_path / "p")],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = tifffile.imread(tmp_path / "p" / "probabilities.tif").astype(np.float32) / 255
+    x, _ = load_split(crop["dir"] / "prep3", "test")
+    for i, z in enumerate(crop["manifest3"]["splits"]["test"]["slices"]):
+        assert np.abs(got[z] - predict_tiled(res.net.eval(), x[i])).max() <= 1 / 255 + 1e-3
