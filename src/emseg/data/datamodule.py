@@ -61,8 +61,9 @@ class EMDataModule(L.LightningDataModule):
                                            for i, ((sx, sy), n) in enumerate(zip(self.data.sources, share))])
             self.val_set = ConcatDataset([SliceDataset(a, b) for a, b in self.data.val_sources])
             return
-        if extra is None and self._device() is not None:
-            sampler = DevicePatchSampler(x, y, cfg.patch_size, cfg.foreground_bias, self._device(), self.seed)
+        device = self._device() if extra is None else None
+        if device is not None:
+            sampler = DevicePatchSampler(x, y, cfg.patch_size, cfg.foreground_bias, device, self.seed)
             self.train_set = DevicePatchStream(sampler, cfg.augment, cfg.patches_per_epoch, self.batch_size)
         elif extra is None:
             self.train_set = PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch, cfg.foreground_bias, aug,

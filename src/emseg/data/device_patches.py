@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 
-from emseg import IGNORE
 from emseg.config import AugmentParams
+from emseg.data.patches import pixel_pools
 from emseg.errors import ConfigError
 
 
@@ -35,32 +35,16 @@ class DevicePatchSampler:
     def __init__(self, images, labels, patch_size: int, foreground_bias: float = 0.5, device="cpu", seed: int = 0):
         self.x = _as_nchw(images).to(device)
         self.y = torch.as_tensor(np.asarray(labels, dtype=np.uint8)).to(device)
-        n, _, h, w = self.x.shape
+        h, w = self.x.shape[-2:]
         if patch_size > h or patch_size > w:
             raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
         self.patch, self.bias, self.device = patch_size, foreground_bias, torch.device(device)
         self.seed = seed
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
-        # Per slice: foreground pixel coordinates and, where a slice is only partly labelled, annotated
-        # ones, subsampled to at most 20000 each (as the CPU sampler keeps them).
-        self.fg, self.ann = [], []
-        rng = np.random.default_rng(seed)
-        for i in range(n):
-            lab = np.asarray(labels[i])
-            ys, xs = np.nonzero(lab == 1)
-            pick = rng.permutation(len(ys))[:20000]
-            self.fg.append(torch.as_tensor(np.column_stack([ys[pick], xs[pick]])).to(device))
-            ignored = lab == IGNORE
-            if ignored.any():
-                ys, xs = np.nonzero(~ignored)
-                pick = rng.permutation(len(ys))[:20000]
-                self.ann.append(torch.as_tensor(np.column_stack([ys[pick], xs[pick]])).to(device))
-            else:
-                self.ann.append(None)  # fully labelled: a corner anywhere will do
-        self.has_fg = [i for i in range(n) if len(self.fg[i])]
-        self.usable = [i for i in range(n) if self.ann[i] is None or len(self.ann[i])]
-        if not self.usable:
-            raise ConfigError("training data: every training pixel is marked ignore; nothing to learn from")
+        # Per slice: where patches may be centred, the CPU sampler's pools, kept on the device.
+        fg, ann, self.has_fg, self.usable = pixel_pools(labels, seed)
+        self.fg = [torch.as_tensor(c).to(device) for c in fg]
+        self.ann = [None if c is None else torch.as_tensor(c).to(device) for c in ann]
 
     def _ints(self, high: int, size: int) -> torch.Tensor:
         return torch.randint(high, (size,), generator=self.gen, device=self.device)

@@ -38,11 +38,43 @@ def centre(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else image[image.shape[0] // 2]
 
 
+def slices_per_input(images) -> int:
+    """How many slices each input of ``images`` holds: 1 for (n, H, W), k for (n, k, H, W)."""
+    return 1 if np.ndim(images) == 3 else int(np.shape(images)[1])
+
+
+def pixel_pools(labels, seed: int) -> tuple[list, list, list[int], list[int]]:
+    """Where patches of each labelled slice may be centred: (foreground pixel coordinates per slice,
+    annotated pixel coordinates per slice or None where every pixel is labelled, slices with
+    foreground, slices with anything labelled), each pool subsampled to 20000 (n, 2) rows: enough to
+    centre patches, small in memory. Partly labelled slices (IGNORE pixels) keep annotated
+    coordinates so that their "anywhere" patches are never wasted on unlabelled ground."""
+    fg, annotated = [], []
+    for i in range(len(labels)):
+        lab = np.asarray(labels[i])
+        rng = np.random.default_rng([seed, i])
+        ys, xs = np.nonzero(lab == 1)
+        keep = rng.permutation(len(ys))[:20000]
+        fg.append(np.column_stack([ys[keep], xs[keep]]))
+        ignored = lab == IGNORE
+        if ignored.any():
+            ys, xs = np.nonzero(~ignored)
+            keep = rng.permutation(len(ys))[:20000]
+            annotated.append(np.column_stack([ys[keep], xs[keep]]))
+        else:
+            annotated.append(None)  # fully labelled: anywhere will do
+    has_fg = [i for i in range(len(fg)) if len(fg[i])]
+    usable = [i for i in range(len(fg)) if annotated[i] is None or len(annotated[i])]
+    if not usable:
+        raise ConfigError("training data: every training pixel is marked ignore; nothing to learn from")
+    return fg, annotated, has_fg, usable
+
+
 def with_context(images, k: int, where: str = "the prepared inputs"):
     """Inputs for a network that takes ``k`` slices (model.z_context) from prepared ``images`` that hold
     K per slice ((n, H, W): K = 1; (n, K, H, W)): the middle k of the K, a view. A network that needs
     more neighbours than the data hold cannot be fed from them."""
-    held = 1 if np.ndim(images) == 3 else int(np.shape(images)[1])
+    held = slices_per_input(images)
     if k == held:
         return images
     if k > held:
@@ -57,33 +89,13 @@ class PatchDataset(Dataset):
     the centre slices; deterministic given (seed, epoch, index)."""
 
     def __init__(self, images, labels, patch_size, length, foreground_bias=0.5, augment=None, seed=0):
-        n, (h, w) = len(images), images.shape[-2:]
+        h, w = images.shape[-2:]
         if patch_size > h or patch_size > w:
             raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
         self.images, self.labels = images, labels
         self.patch, self.length, self.bias = patch_size, length, foreground_bias
         self.augment, self.seed, self.epoch = augment, seed, 0
-        # Foreground pixel coordinates, subsampled: enough to centre patches, small in memory.
-        # Partially labelled slices (IGNORE pixels) also keep annotated pixel coordinates: their
-        # "anywhere" patches are centred on annotated pixels, never wasted on unlabelled ground.
-        self.fg, self.annotated = [], []
-        for i in range(n):
-            lab = np.asarray(labels[i])
-            rng = np.random.default_rng([seed, i])
-            ys, xs = np.nonzero(lab == 1)
-            keep = rng.permutation(len(ys))[:20000]
-            self.fg.append(np.column_stack([ys[keep], xs[keep]]))
-            ignored = lab == IGNORE
-            if ignored.any():
-                ys, xs = np.nonzero(~ignored)
-                keep = rng.permutation(len(ys))[:20000]
-                self.annotated.append(np.column_stack([ys[keep], xs[keep]]))
-            else:
-                self.annotated.append(None)  # fully labelled: anywhere will do
-        self.has_fg = [i for i in range(n) if len(self.fg[i])]
-        self.usable = [i for i in range(n) if self.annotated[i] is None or len(self.annotated[i])]
-        if not self.usable:
-            raise ConfigError("training data: every training pixel is marked ignore; nothing to learn from")
+        self.fg, self.annotated, self.has_fg, self.usable = pixel_pools(labels, seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from emseg.config import Params
 from emseg.model.bn import PreciseBatchNorm
 from emseg.data.datamodule import ArraySplits, EMDataModule
+from emseg.data.patches import slices_per_input
 from emseg.data.prepare import load_split
 from emseg.errors import ConfigError
 from emseg.model.module import SegmentationModule
@@ -102,7 +102,7 @@ def _check_z_context(data, k: int) -> None:
         x, where = data.train[0], "the training arrays"
     else:
         x, where = load_split(Path(data), "train")[0], str(Path(data) / "train_images.npy")
-    got = 1 if np.ndim(x) == 3 else int(np.shape(x)[1])
+    got = slices_per_input(x)
     if got != k:
         raise ConfigError(f"{where}: holds {got} slice(s) per input but model.z_context is {k}; prepare the data "
                           "again (emseg prepare, or dvc repro)")
