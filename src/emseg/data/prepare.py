@@ -155,14 +155,10 @@ def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg
     fg = labelled = 0
     with StackReader(img_info) as ir, StackReader(lab_info) as lr:
         for i, z in enumerate(tqdm(indices, desc=f"prepare {name}", unit="slice")):
-            if k == 1:
-                img = ir.read(z)
-                check_values(img, where(img_info, z))
-                images[i] = normalise(img, mean, std)
-            for c, zc in enumerate(context_indices(z, img_info.shape[0], k) if k > 1 else []):
+            for c, zc in enumerate(context_indices(z, img_info.shape[0], k)):  # [z] itself when k is 1
                 img = ir.read(zc)
                 check_values(img, where(img_info, zc))
-                images[i, c] = normalise(img, mean, std)
+                images[(i,) if k == 1 else (i, c)] = normalise(img, mean, std)
             lab = lr.read(z)
             label_mapping(set(np.unique(lab).tolist()), lab_info.path, ignore)  # every slice checked
             out_lab = np.where(lab == fg_value, 1, 0).astype(np.uint8)
