@@ -20,6 +20,11 @@ ISBI = SHARED / "isbi2012"
 # Subprocesses (`emseg`, `dvc`, `mlflow`) must come from the same environment as the tests.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Two pytest-xdist workers share the 2 cores: one thread each (and in the `emseg`/`dvc` processes they
+# start) instead of two each, which would make both wait on each other's spinning threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 def require_shared() -> Path:
@@ -112,3 +117,13 @@ def repro_project(tmp_path_factory):
     write_params(proj, TINY)
     proc = run_cli(["dvc", "repro"], proj, check=True)
     return proj, proc
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n 2 --dist loadgroup` (`make test`) a worker takes whole modules, so a module's
+    fixtures are built once, and every test on the shared `repro_project` goes to one worker with it.
+    That group is the longest, so it is queued first."""
+    for item in items:
+        group = "repro_project" if "repro_project" in getattr(item, "fixturenames", ()) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: "repro_project" not in getattr(item, "fixturenames", ()))
