@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks pipelines
 
 test: setup lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --timeout=1500 --durations=40
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout=1500 --durations=40
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=600

@@ -120,10 +120,6 @@ def repro_project(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n 2 --dist loadgroup` (`make test`) a worker takes whole modules, so a module's
-    fixtures are built once, and every test on the shared `repro_project` goes to one worker with it.
-    That group is the longest, so it is queued first."""
-    for item in items:
-        group = "repro_project" if "repro_project" in getattr(item, "fixturenames", ()) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: "repro_project" not in getattr(item, "fixturenames", ()))
+    """`make test` runs `pytest -n 2 --dist loadfile`: each worker takes whole files, so module fixtures
+    are built once (and `repro_project` once per worker). test_pipeline.py is the longest file: queued first."""
+    items.sort(key=lambda item: item.path.name != "test_pipeline.py")
