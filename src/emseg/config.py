@@ -79,6 +79,10 @@ class DataParams(_Strict):
     generated: GeneratedSource = GeneratedSource()
     # Folder of `emseg suggest` outputs; painted templates found under it join the training data.
     annotations: Optional[str] = ANNOTATIONS_DIR
+    # Slices of the training stack kept without their labels for semi-supervised training (train.semi):
+    # spread evenly over the slices that are not training slices and lie at least data.min_gap from
+    # every validation and test slice. 0: none.
+    unlabelled_slices: Annotated[int, Field(ge=0)] = 0
     tiff: Optional[TiffSource] = None
     epfl: Optional[EpflSource] = None
 
@@ -132,6 +136,19 @@ class LossParams(_Strict):
     alpha: Optional[Probability] = None
 
 
+class SemiParams(_Strict):
+    """Mean teacher (Tarvainen and Valpola, 2017): every batch of labelled patches is joined by as many
+    patches of the unlabelled slices (data.unlabelled_slices); the network, given a perturbed copy of
+    each, is pulled towards what its moving average (the teacher) predicts for the clean one. The pull
+    acts on unlabelled pixels only; ``weight`` 0 turns it off and training is as without it."""
+
+    weight: Annotated[float, Field(ge=0)] = 0.0  # of the consistency loss, beside the supervised loss
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.99  # the teacher's moving-average decay per step
+    rampup_epochs: Annotated[int, Field(ge=0)] = 5  # the weight rises to its value over these epochs
+    noise: Annotated[float, Field(ge=0)] = 0.1  # sd of the Gaussian noise on the student's copy (z units)
+    confidence: Annotated[float, Field(ge=0.5, le=1)] = 0.5  # teacher pixels less sure than this do not pull
+
+
 class TrainParams(_Strict):
     patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 256
     patches_per_epoch: PositiveInt = 64
@@ -159,11 +176,14 @@ class TrainParams(_Strict):
     # Fine-tuning from pretrained weights: encoder frozen for the first epochs, then trained at lr * factor.
     freeze_encoder_epochs: Annotated[int, Field(ge=0)] = 0
     encoder_lr_factor: Annotated[float, Field(gt=0, le=1)] = 1.0
+    semi: SemiParams = SemiParams()  # semi-supervised training on the unlabelled slices (off by default)
 
     def identity(self, **exclude) -> dict:
         """The settings that decide what a run trains, for hashing: a registry init is named by its
         resolved version (``init.uri``), not by the temporary file its weights were fetched to."""
         drop = {**exclude, **({"init": {"path"}} if self.init.mode == "registry" else {})}
+        if self.semi.weight == 0:  # off: hashes stay those of runs from before semi-supervised training existed
+            drop["semi"] = True
         return self.model_dump(exclude=drop)
 
 
@@ -360,6 +380,12 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS) -> Params:
         raise ConfigError(f"{source}: data.min_gap: {params.data.min_gap} is within the reach of model.z_context "
                           f"{params.model.z_context} (+-{params.model.z_context // 2} slices); expected at least "
                           f"{params.model.z_context // 2 + 1}, so no input sees another split's slices")
+    if params.train.semi.weight > 0 and params.data.unlabelled_slices == 0:
+        raise ConfigError(f"{source}: train.semi.weight: {params.train.semi.weight:g} needs unlabelled slices to "
+                          "learn from; set data.unlabelled_slices (e.g. 24), or train.semi.weight: 0")
+    if params.train.semi.weight > 0 and params.train.device_patches == "on":
+        raise ConfigError(f"{source}: train.semi: unlabelled patches are cut by the CPU loader so far; set "
+                          "train.device_patches: auto or off with it")
     scaled = params.train.patch_size * params.model.input_scale
     if scaled < 32:
         raise ConfigError(f"{source}: train.patch_size: {params.train.patch_size} px at model.input_scale "

@@ -76,6 +76,7 @@ def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -
                     "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch,
                     "batch_size": cfg.batch_size, "lr": cfg.lr, "max_epochs": cfg.max_epochs, "use_tuned": False,
                     "early_stopping_patience": cfg.patience, "max_minutes": None, "init": init_p,
+                    "semi": {"weight": 0.0},
                     "freeze_encoder_epochs": cfg.freeze_encoder_epochs if init == "pretrained" else 0,
                     "encoder_lr_factor": cfg.encoder_lr_factor if init == "pretrained" else 1.0}},
                     "params.yaml: learning_curve (its settings as train.*)")

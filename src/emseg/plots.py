@@ -21,6 +21,8 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
         for split, style in (("train", "-o"), ("val", "-s")):
             ys = [r.get(f"{split}_{name}", np.nan) for r in history]
             ax.plot(epochs, ys, style, ms=3, label=split)
+        if name == "loss" and any("train_consistency" in r for r in history):  # train.semi's unlabelled term
+            ax.plot(epochs, [r.get("train_consistency", np.nan) for r in history], "--", label="consistency")
         ax.set_xlabel("epoch")
         ax.set_title(label)
         ax.grid(alpha=0.3)

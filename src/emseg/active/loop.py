@@ -71,7 +71,8 @@ def round_params(params: Params, cfg: ActiveParams, epochs: int, seed: int) -> P
     return derive(params, {"seed": seed, "model": {"dropout": cfg.dropout}, "train": {
         "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch, "batch_size": cfg.batch_size,
         "lr": cfg.lr, "max_epochs": epochs, "early_stopping_patience": epochs, "use_tuned": False,
-        "max_minutes": None}}, "params.yaml: active (its settings as train.* and model.dropout)")
+        "max_minutes": None, "semi": {"weight": 0.0}}},
+        "params.yaml: active (its settings as train.* and model.dropout)")
 
 
 def _train(params: Params, cfg: ActiveParams, data: ActiveData, cands: Candidates, labelled: list[int],

@@ -16,8 +16,9 @@ from emseg import IGNORE
 from emseg.config import TrainParams
 from emseg.data.augment import Augmenter
 from emseg.data.device_patches import DevicePatchSampler, DevicePatchStream
-from emseg.data.patches import MixedPatches, PatchDataset, SliceDataset, pad_crops
-from emseg.data.prepare import load_split
+from emseg.data.patches import MixedPatches, PatchDataset, SliceDataset, UnlabelledPatches, WithUnlabelled, pad_crops
+from emseg.data.prepare import load_split, load_unlabelled
+from emseg.errors import ConfigError
 
 
 class ArraySplits:
@@ -79,13 +80,30 @@ class EMDataModule(L.LightningDataModule):
                              self.seed),
                 PatchDataset(ex, ey, cfg.patch_size, n_extra, cfg.foreground_bias, aug, self.seed + 1)])
         self.val_set = SliceDataset(vx, vy)
+        if cfg.semi.weight > 0:
+            self._join_unlabelled(aug)
+
+    def _join_unlabelled(self, aug: Augmenter) -> None:
+        """train.semi: every labelled patch gets an unlabelled partner from the prepared unlabelled slices."""
+        cfg = self.cfg
+        pool = None if isinstance(self.data, ArraySplits) else load_unlabelled(Path(self.data))
+        if pool is None:
+            where = "the caller's arrays" if isinstance(self.data, ArraySplits) else str(self.data)
+            raise ConfigError(f"params.yaml: train.semi.weight: {cfg.semi.weight:g}, but {where} hold no unlabelled "
+                              "slices; set data.unlabelled_slices and prepare again (dvc repro)")
+        if isinstance(self.train_set, DevicePatchStream):
+            raise ConfigError("params.yaml: train.semi: unlabelled patches are cut by the CPU loader so far; set "
+                              "train.device_patches: auto or off with it")
+        unlabelled = UnlabelledPatches(pool, cfg.patch_size, len(self.train_set), aug, self.seed + 7919)
+        self.train_set = WithUnlabelled(self.train_set, unlabelled)
 
     def _device(self) -> str | None:
         """Where patches are cut, when on the training device (``train.device_patches``); None: CPU loader."""
         import torch
 
         gpu = torch.cuda.is_available() and self.cfg.accelerator in ("auto", "gpu", "cuda")
-        if self.cfg.device_patches == "off" or (self.cfg.device_patches == "auto" and not gpu):
+        on_cpu = not gpu or self.cfg.semi.weight > 0  # unlabelled patches come from the CPU loader so far
+        if self.cfg.device_patches == "off" or (self.cfg.device_patches == "auto" and on_cpu):
             return None
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1:  # each rank would draw the same batches: the

@@ -128,6 +128,51 @@ class PatchDataset(Dataset):
         return torch.from_numpy(channels(image)), torch.from_numpy(label.astype(np.int64))[None]
 
 
+class UnlabelledPatches(Dataset):
+    """Random patches of unlabelled inputs (n, H, W) or (n, k, H, W), augmented like the labelled ones
+    (train.semi); deterministic given (seed, epoch, index)."""
+
+    def __init__(self, images, patch_size, length, augment=None, seed=0):
+        h, w = images.shape[-2:]
+        if patch_size > h or patch_size > w:
+            raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
+        self.images, self.patch, self.length, self.augment, self.seed, self.epoch = (
+            images, patch_size, length, augment, seed, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        h, w = self.images.shape[-2:]
+        p = self.patch
+        i, y0, x0 = int(rng.integers(len(self.images))), int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
+        image = np.array(self.images[i, ..., y0:y0 + p, x0:x0 + p], dtype=np.float32)
+        if self.augment is not None:
+            image, _ = self.augment(image, np.zeros((p, p), np.uint8), rng)
+        return torch.from_numpy(channels(image))
+
+
+class WithUnlabelled(Dataset):
+    """Labelled patches, each paired with an unlabelled one: batches of (image, label, unlabelled image)."""
+
+    def __init__(self, labelled: Dataset, unlabelled: UnlabelledPatches):
+        self.labelled, self.unlabelled = labelled, unlabelled
+
+    def set_epoch(self, epoch: int) -> None:
+        self.labelled.set_epoch(epoch)
+        self.unlabelled.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __getitem__(self, idx: int):
+        return (*self.labelled[idx], self.unlabelled[idx % len(self.unlabelled)])
+
+
 class SliceDataset(Dataset):
     """Whole slices, padded to a multiple of 32 (padding labelled IGNORE so it never counts)."""
 

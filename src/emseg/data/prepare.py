@@ -10,6 +10,8 @@ Outputs in the prepared folder (all written slice by slice through memory maps):
   for pixels the annotator left unlabelled;
 - ``{train,val,test}_instances.npy``: uint32 object labels, only where the source knows its objects
   (the generator); instance scores use them as the true objects;
+- ``unlabelled_images.npy``: like the training images, for ``data.unlabelled_slices`` slices whose
+  labels are not used (semi-supervised training); only when that count is above 0;
 - ``manifest.json``: shapes, dtypes, slice indices, foreground fractions, normalisation, hashes.
 
 Peak memory is a few slices, whatever the stack size.
@@ -137,6 +139,18 @@ def choose_splits(n: int, train: SliceSpec, val: SliceSpec, test: SliceSpec, gap
     return splits
 
 
+def unlabelled_slices(n: int, train: Sequence[int], held_out: Sequence[int], gap: int, count: int) -> list[int]:
+    """``count`` slices for semi-supervised training, spread evenly over those that are not training
+    slices and lie at least ``gap`` from every validation and test slice of the stack: their images
+    (and z neighbours, gap > z_context // 2) never show what selection and reporting are measured on."""
+    free = _away_from([z for z in range(n) if z not in train], held_out, gap)
+    if count > len(free):
+        raise ConfigError(f"params.yaml: data.unlabelled_slices: {count} asked, but only {len(free)} slices of the "
+                          f"stack of {n} are neither training slices nor within data.min_gap={gap} of a validation "
+                          "or test slice")
+    return select_slices(count, free, "data.unlabelled_slices", n)
+
+
 def split_distances(splits: dict[str, list[int]]) -> dict[str, int | None]:
     """For each split, the smallest z-distance from one of its slices to a slice of another split."""
     out = {}
@@ -146,19 +160,31 @@ def split_distances(splits: dict[str, list[int]]) -> dict[str, int | None]:
     return out
 
 
-def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg_value, z_context: int = 1) -> dict:
+def _write_inputs(name, img_info, indices, stats, out: Path, z_context: int = 1):
+    """``{name}_images.npy``: the network inputs of the chosen slices, yielding each slice index once
+    its input is written (so a caller can write what belongs to it beside)."""
     n, (h, w) = len(indices), img_info.shape[1:]
     k = z_context
     images = allocated_memmap(out / f"{name}_images.npy", np.float32, (n, h, w) if k == 1 else (n, k, h, w))
-    labels = allocated_memmap(out / f"{name}_labels.npy", np.uint8, (n, h, w))
     mean, std = stats
-    fg = labelled = 0
-    with StackReader(img_info) as ir, StackReader(lab_info) as lr:
+    with StackReader(img_info) as ir:
         for i, z in enumerate(tqdm(indices, desc=f"prepare {name}", unit="slice")):
             for c, zc in enumerate(context_indices(z, img_info.shape[0], k)):  # [z] itself when k is 1
                 img = ir.read(zc)
                 check_values(img, where(img_info, zc))
                 images[(i,) if k == 1 else (i, c)] = normalise(img, mean, std)
+            yield i, z
+    images.flush()
+    del images
+
+
+def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg_value, z_context: int = 1) -> dict:
+    n, (h, w) = len(indices), img_info.shape[1:]
+    k = z_context
+    labels = allocated_memmap(out / f"{name}_labels.npy", np.uint8, (n, h, w))
+    fg = labelled = 0
+    with StackReader(lab_info) as lr:
+        for i, z in _write_inputs(name, img_info, indices, stats, out, k):
             lab = lr.read(z)
             label_mapping(set(np.unique(lab).tolist()), lab_info.path, ignore)  # every slice checked
             out_lab = np.where(lab == fg_value, 1, 0).astype(np.uint8)
@@ -167,9 +193,8 @@ def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg
             labels[i] = out_lab
             fg += int((out_lab == 1).sum())
             labelled += int((out_lab != IGNORE).sum())
-    images.flush()
     labels.flush()
-    del images, labels
+    del labels
     if labelled == 0:
         raise DataError(f"{lab_info.path}: every pixel of the {name} slices {list(indices)} is the ignore value")
     return {"slices": [int(z) for z in indices], "shape": [n, h, w], "z_context": k,
@@ -270,6 +295,13 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict, z_con
         else:
             manifest["instances"] = None
         held_out = {"validation": val_idx, "test": test_idx if test_img is train_img else []}
+        manifest["unlabelled"] = None
+        if params.unlabelled_slices:
+            idx = unlabelled_slices(n, train_idx, [z for zs in held_out.values() for z in zs], gap,
+                                    params.unlabelled_slices)
+            for _ in _write_inputs("unlabelled", train_img, idx, train_stats, tmp, z_context):
+                pass
+            manifest["unlabelled"] = {"slices": idx, "shape": [len(idx), *train_img.shape[1:]], "z_context": z_context}
         manifest["annotations"] = _write_annotations(params.annotations, tmp, desc, held_out, gap)
         if z_context > 1 and manifest["annotations"]["patches"]:
             raise ConfigError(f"{params.annotations}: painted crops hold one slice, without the neighbours that "
@@ -332,6 +364,12 @@ def _write_annotations(folder: Optional[str], out: Path, desc: dict, held_out: d
 def load_instances(prepared_dir: str | Path, name: str) -> np.ndarray | None:
     """The split's object labels (memory-mapped) where the source gave them, else None."""
     path = Path(prepared_dir) / f"{name}_instances.npy"
+    return np.load(path, mmap_mode="r") if path.exists() else None
+
+
+def load_unlabelled(prepared_dir: str | Path) -> np.ndarray | None:
+    """The unlabelled slices' inputs (memory-mapped) where prepare kept some (data.unlabelled_slices)."""
+    path = Path(prepared_dir) / "unlabelled_images.npy"
     return np.load(path, mmap_mode="r") if path.exists() else None
 
 

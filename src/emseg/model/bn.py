@@ -48,5 +48,6 @@ class PreciseBatchNorm(Callback):
         if trainer.sanity_checking or trainer.datamodule is None:
             return
         loader = trainer.datamodule.train_dataloader()
-        recalibrate_batchnorm(pl_module, iter(loader), self.max_batches)
+        # The network only: a mean teacher (train.semi) keeps the statistics it averaged from the student.
+        recalibrate_batchnorm(pl_module.net, iter(loader), self.max_batches)
         pl_module.eval()

@@ -32,3 +32,15 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
 
 def segmentation_loss(logits, target, focal_weight=1.0, dice_weight=1.0, gamma=2.0, alpha=None) -> torch.Tensor:
     return focal_weight * focal_loss(logits, target, gamma, alpha) + dice_weight * dice_loss(logits, target)
+
+
+def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     confidence: float = 0.5) -> torch.Tensor:
+    """Mean squared difference of the two foreground probabilities over every pixel (mean teacher's
+    consistency); pixels where the teacher is less sure than ``confidence`` (max(p, 1 - p)) add 0.
+    The teacher's side is a target: no gradient flows into it."""
+    p_t = torch.sigmoid(teacher_logits.detach())
+    sq = (torch.sigmoid(student_logits) - p_t) ** 2
+    if confidence > 0.5:
+        sq = sq * (torch.maximum(p_t, 1 - p_t) >= confidence).to(sq.dtype)
+    return sq.mean()

@@ -4,24 +4,33 @@ Its data come from emseg.data.datamodule (patches in, whole slices for validatio
 
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
 import torch
 
 from emseg.metrics import add_counts, confusion, scores
-from emseg.model.losses import segmentation_loss
+from emseg.model.losses import consistency_loss, segmentation_loss
 from emseg.model.network import SegmentationNet
 
 
 class SegmentationModule(L.LightningModule):
     def __init__(self, spec: dict, lr: float, weight_decay: float, loss: dict, threshold: float = 0.5,
-                 encoder_lr_factor: float = 1.0):
+                 encoder_lr_factor: float = 1.0, semi: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.net = SegmentationNet(spec)
         self.logit_threshold = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else 0.0
         self._counts = {"train": {}, "val": {}}
+        self.semi = semi if semi and semi.get("weight", 0) > 0 else None
+        self.teacher: SegmentationNet | None = None
+
+    def start_teacher(self) -> None:
+        """Mean teacher (train.semi): a copy of the network as initialised, then its moving average.
+        Call once the network holds its starting weights; it is saved in checkpoints beside it."""
+        if self.semi is not None:
+            self.teacher = copy.deepcopy(self.net).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -36,7 +45,47 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        if len(batch) == 2:
+            return self._step(batch, "train")
+        x, y, unlabelled = batch  # train.semi: as many unlabelled patches as labelled ones
+        loss = self._step((x, y), "train")
+        weight = self.consistency_weight()
+        if weight > 0:
+            consistency = self.consistency(unlabelled)
+            self.log("train_consistency", consistency, on_step=False, on_epoch=True, batch_size=len(unlabelled))
+            loss = loss + weight * consistency
+        return loss
+
+    def consistency_weight(self) -> float:
+        """train.semi.weight, reached along a sigmoid ramp over the first rampup_epochs (Laine and Aila)."""
+        ramp = self.semi["rampup_epochs"]
+        if not ramp:
+            return float(self.semi["weight"])
+        t = min(1.0, (self.current_epoch + 1) / ramp)
+        return float(self.semi["weight"] * math.exp(-5 * (1 - t) ** 2))
+
+    def consistency(self, unlabelled: torch.Tensor) -> torch.Tensor:
+        """The student on a perturbed copy (contrast, brightness, noise) against the teacher on the patch
+        itself; the supervised loss never sees these pixels, and they never see a label."""
+        with torch.no_grad():
+            self.teacher.eval()  # Lightning sets every submodule to train mode each epoch
+            target = self.teacher(unlabelled)
+        n = len(unlabelled)
+        gain = 1 + (torch.rand(n, 1, 1, 1, device=unlabelled.device) - 0.5) * 0.4
+        shift = (torch.rand(n, 1, 1, 1, device=unlabelled.device) - 0.5) * 0.4
+        perturbed = unlabelled * gain + shift + self.semi["noise"] * torch.randn_like(unlabelled)
+        return consistency_loss(self(perturbed).float(), target.float(), self.semi["confidence"])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.teacher is None:
+            return
+        # The usual correction early on: the teacher follows closely while the average has few steps.
+        decay = min(self.semi["ema"], 1 - 1 / (self.global_step + 1))
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), self.net.parameters()):
+                t.lerp_(s.detach(), 1 - decay)
+            for t, s in zip(self.teacher.buffers(), self.net.buffers()):
+                t.copy_(s)  # BatchNorm statistics: the student's
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -68,7 +117,7 @@ class SegmentationModule(L.LightningModule):
         lr, factor = self.hparams.lr, self.hparams.get("encoder_lr_factor", 1.0)
         encoder = list(self.net.net.encoder.parameters())
         ids = {id(p) for p in encoder}
-        rest = [p for p in self.parameters() if id(p) not in ids]
+        rest = [p for p in self.net.parameters() if id(p) not in ids]  # not the mean teacher's
         # Fine-tuning: a pretrained encoder may learn more slowly than the decoder (factor < 1).
         groups = [{"params": encoder, "lr": lr * factor}, {"params": rest, "lr": lr}]
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)

@@ -25,7 +25,12 @@ from emseg.errors import ConfigError
 from emseg.model.module import SegmentationModule
 from emseg.model.network import SegmentationNet, channels_last, initialise, model_spec
 
-CURVE_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "val_iou")
+CURVE_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "val_iou", "train_consistency")
+
+
+def curve_columns(history: list[dict]) -> list[str]:
+    """history.csv's columns: the epoch and the curves this run has (train_consistency only with train.semi)."""
+    return ["epoch", *(k for k in CURVE_KEYS if any(k in row for row in history))]
 
 
 class History(Callback):
@@ -122,12 +127,13 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
     L.seed_everything(params.seed, workers=True, verbose=False)
     module = SegmentationModule(model_spec(params.model), lr=lr, weight_decay=cfg.weight_decay,
                                 loss=cfg.loss.model_dump(), threshold=cfg.threshold,
-                                encoder_lr_factor=cfg.encoder_lr_factor)
+                                encoder_lr_factor=cfg.encoder_lr_factor, semi=cfg.semi.model_dump())
     if start_from is not None:
         module.net.load_state_dict(start_from.state_dict())
         init_desc = "previous round"
     else:
         init_desc = initialise(module.net, cfg.init)
+    module.start_teacher()  # train.semi: the mean teacher starts from the same weights
     _check_z_context(data, params.model.z_context)
     dm = EMDataModule(data, cfg, batch_size, params.seed)
     history = History(on_epoch)

@@ -52,7 +52,7 @@ def run(params_path: str = PARAMS) -> dict:
 
     from emseg.data.datamodule import ArraySplits
     from emseg.model.network import save_weights
-    from emseg.model.train import CURVE_KEYS, fit
+    from emseg.model.train import CURVE_KEYS, curve_columns, fit
     from emseg.plots import plot_curves
 
     params = require_2d(load_params(params_path), "cross-dataset pretraining")
@@ -64,7 +64,7 @@ def run(params_path: str = PARAMS) -> dict:
         "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch, "batch_size": cfg.batch_size,
         "lr": cfg.lr, "max_epochs": cfg.max_epochs, "max_minutes": cfg.max_minutes, "use_tuned": False,
         "early_stopping_patience": cfg.max_epochs, "freeze_encoder_epochs": 0, "encoder_lr_factor": 1.0,
-        "init": {"mode": "scratch"}}}, f"{params_path}: pretrain (its settings as train.*)")
+        "init": {"mode": "scratch"}, "semi": {"weight": 0.0}}}, f"{params_path}: pretrain (its settings as train.*)")
     tracking.configure(params.tracking.model_copy(update={"experiment": f"{params.tracking.experiment}-pretrain"}))
     names = "+".join(d["name"] for d in desc)
     with tracking.start_run(run_name=f"pretrain-{names}") as run:
@@ -83,7 +83,7 @@ def run(params_path: str = PARAMS) -> dict:
                    "sources": desc, "run_id": run.info.run_id}
         with staged_files(PRETRAIN_DIR) as rep:
             with open(rep / "history.csv", "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=["epoch", *CURVE_KEYS])
+                w = csv.DictWriter(fh, fieldnames=curve_columns(res.history))
                 w.writeheader()
                 w.writerows(res.history)
             plot_curves(res.history, rep / "curves.png", title=f"pretraining on {names}")

@@ -14,7 +14,7 @@ from emseg.data.patches import centre
 from emseg.fsutil import staged_files, write_json
 from emseg.inference import predict_slice
 from emseg.model.network import save_weights
-from emseg.model.train import CURVE_KEYS, fit
+from emseg.model.train import CURVE_KEYS, curve_columns, fit
 from emseg.plots import plot_curves, plot_overlays
 from emseg import tracking
 from emseg.paths import BEST_PARAMS, CHECKPOINT_ROOT, PARAMS, PREPARED_DIR, TRAIN_DIR, TRAIN_RUN, TRAINED_MODEL
@@ -72,7 +72,7 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
                             "patches_per_second": patches_per_s})
         with staged_files(TRAIN_DIR) as rep:
             with open(rep / "history.csv", "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=["epoch", *CURVE_KEYS])
+                w = csv.DictWriter(fh, fieldnames=curve_columns(result.history))
                 w.writeheader()
                 w.writerows(result.history)
             plot_curves(result.history, rep / "curves.png",
