@@ -1,7 +1,9 @@
 """Training-loop throughput: our Lightning loop against a plain PyTorch loop, same model, data and batch.
 
 Both train the same U-Net/EfficientNet-B0 on the same patch dataset (generated data, augmentation
-on) for the same number of steps; the first steps are warm-up. A and B alternate (A B A B A B) and
+on) for the same number of steps; the first steps are warm-up. The Lightning side is emseg's own
+`fit` with the settings the `train` stage uses (callbacks, checkpoints, channels-last); the plain
+loop runs in the same tensor layout. A and B alternate (A B A B A B) and
 the ratio is taken pair by pair, so drift of the machine's speed cancels.
 Run: .venv/bin/python benchmarks/bench_train_throughput.py
 """
@@ -17,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save  # noqa: E402
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
@@ -26,8 +27,8 @@ from emseg.data.prepare import prepare  # noqa: E402
 from emseg.data.sources import fetch_raw  # noqa: E402
 from emseg.model.losses import segmentation_loss  # noqa: E402
 from emseg.data.datamodule import EMDataModule  # noqa: E402
-from emseg.model.module import SegmentationModule  # noqa: E402
-from emseg.model.network import SegmentationNet, model_spec  # noqa: E402
+from emseg.model.network import SegmentationNet, channels_last, model_spec  # noqa: E402
+from emseg.model.train import fit  # noqa: E402
 
 WARMUP, STEPS, BATCH, PATCH, PAIRS = 2, 12, 8, 192, 3
 
@@ -46,35 +47,33 @@ class StepTimer(Callback):
             self.t1 = time.perf_counter()
 
 
-def lightning_run(params, prep) -> float:
-    L.seed_everything(0, verbose=False)
-    module = SegmentationModule(model_spec(params.model), lr=1e-3, weight_decay=1e-4,
-                                loss=params.train.loss.model_dump())
-    dm = EMDataModule(prep, params.train, BATCH, 0)
+def lightning_run(params, prep, work: Path) -> float:
+    """The real training entry point, `emseg.model.train.fit`, with everything it sets up (callbacks,
+    checkpointing, precise BatchNorm, channels-last, the data module); only the steps are timed."""
     timer = StepTimer()
-    trainer = L.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[timer], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="auto", devices=1)
-    trainer.fit(module, datamodule=dm)
+    fit(params, prep, work, lr=1e-3, batch_size=BATCH, max_epochs=1, callbacks=[timer], progress=False)
     return STEPS * BATCH / (timer.t1 - timer.t0)
 
 
 def plain_run(params, prep) -> float:
+    """The same network, data module, loss and optimiser in a bare PyTorch loop, in the same layout."""
     torch.manual_seed(0)
     net = SegmentationNet(model_spec(params.model)).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     dm = EMDataModule(prep, params.train, BATCH, 0)
     dm.setup()
     t0 = None
-    for i, (x, y) in enumerate(dm.train_dataloader()):
-        net.to(x.device)  # batches cut on the GPU (train.device_patches) arrive there; a no-op after the first
-        if i == WARMUP:
-            t0 = time.perf_counter()
-        loss = segmentation_loss(net(x), y, **params.train.loss.model_dump())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i == WARMUP + STEPS - 1:
-            return STEPS * BATCH / (time.perf_counter() - t0)
+    with channels_last(net, params.train.channels_last):
+        for i, (x, y) in enumerate(dm.train_dataloader()):
+            net.to(x.device)  # batches cut on the GPU (train.device_patches) arrive there; a no-op after the first
+            if i == WARMUP:
+                t0 = time.perf_counter()
+            loss = segmentation_loss(net(x), y, **params.train.loss.model_dump())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i == WARMUP + STEPS - 1:
+                return STEPS * BATCH / (time.perf_counter() - t0)
     raise RuntimeError("not enough batches")
 
 
@@ -84,14 +83,15 @@ def main() -> None:
     fetch_raw(params.data, tmp / "raw")
     prepare(params.data, tmp / "raw", tmp / "prep")
     light, plain = [], []
-    for _ in range(PAIRS):
-        light.append(lightning_run(params, tmp / "prep"))
+    for i in range(PAIRS):
+        light.append(lightning_run(params, tmp / "prep", tmp / f"work{i}"))
         plain.append(plain_run(params, tmp / "prep"))
     ratios = [a / b for a, b in zip(light, plain)]
     save("train_throughput", {
         "command": ".venv/bin/python benchmarks/bench_train_throughput.py",
         "setup": f"Unet/efficientnet-b0, batch {BATCH}, patch {PATCH}, {STEPS} timed steps after {WARMUP} warm-up, "
-                 f"{PAIRS} alternating pairs, torch threads {torch.get_num_threads()}",
+                 f"{PAIRS} alternating pairs, torch threads {torch.get_num_threads()}; Lightning: emseg's fit() "
+                 f"(its callbacks, channels_last={params.train.channels_last}); plain loop: same layout",
         "lightning_patches_per_s": [round(v, 2) for v in light], "plain_patches_per_s": [round(v, 2) for v in plain],
         "ratio_lightning_to_plain": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3),
         "target": "median ratio >= 0.90",

@@ -295,8 +295,7 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict, z_con
         else:
             manifest["instances"] = None
         held_out = {"validation": val_idx, "test": test_idx if test_img is train_img else []}
-        manifest["unlabelled"] = None
-        if params.unlabelled_slices:
+        if params.unlabelled_slices:  # (no key otherwise: manifests, and the hashes made of them, stay as they were)
             idx = unlabelled_slices(n, train_idx, [z for zs in held_out.values() for z in zs], gap,
                                     params.unlabelled_slices)
             for _ in _write_inputs("unlabelled", train_img, idx, train_stats, tmp, z_context):

@@ -48,6 +48,6 @@ class PreciseBatchNorm(Callback):
         if trainer.sanity_checking or trainer.datamodule is None:
             return
         loader = trainer.datamodule.train_dataloader()
-        # The network only: a mean teacher (train.semi) keeps the statistics it averaged from the student.
+        # The network only: a mean teacher (train.semi) normalises by each batch's own statistics.
         recalibrate_batchnorm(pl_module.net, iter(loader), self.max_batches)
         pl_module.eval()

@@ -68,7 +68,12 @@ class SegmentationModule(L.LightningModule):
         """The student on a perturbed copy (contrast, brightness, noise) against the teacher on the patch
         itself; the supervised loss never sees these pixels, and they never see a label."""
         with torch.no_grad():
-            self.teacher.eval()  # Lightning sets every submodule to train mode each epoch
+            # Deterministic (eval: no dropped connections), but BatchNorm on this batch's statistics: the
+            # running ones are the student's, not the average's (Lightning sets train mode every epoch).
+            self.teacher.eval()
+            for m in self.teacher.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.train()
             target = self.teacher(unlabelled)
         n = len(unlabelled)
         gain = 1 + (torch.rand(n, 1, 1, 1, device=unlabelled.device) - 0.5) * 0.4
@@ -84,8 +89,6 @@ class SegmentationModule(L.LightningModule):
         with torch.no_grad():
             for t, s in zip(self.teacher.parameters(), self.net.parameters()):
                 t.lerp_(s.detach(), 1 - decay)
-            for t, s in zip(self.teacher.buffers(), self.net.buffers()):
-                t.copy_(s)  # BatchNorm statistics: the student's
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")

@@ -30,7 +30,7 @@ CURVE_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "va
 
 def curve_columns(history: list[dict]) -> list[str]:
     """history.csv's columns: the epoch and the curves this run has (train_consistency only with train.semi)."""
-    return ["epoch", *(k for k in CURVE_KEYS if any(k in row for row in history))]
+    return ["epoch", *(k for k in CURVE_KEYS if k != "train_consistency" or any(k in row for row in history))]
 
 
 class History(Callback):
@@ -133,7 +133,6 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
         init_desc = "previous round"
     else:
         init_desc = initialise(module.net, cfg.init)
-    module.start_teacher()  # train.semi: the mean teacher starts from the same weights
     _check_z_context(data, params.model.z_context)
     dm = EMDataModule(data, cfg, batch_size, params.seed)
     history = History(on_epoch)
@@ -166,6 +165,7 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
         print(f"train: resuming from {last} (interrupted after epoch {resumed_from})")
     t0 = time.time()
     with channels_last(module.net, cfg.channels_last):
+        module.start_teacher()  # train.semi: the mean teacher starts from the same weights, in the same layout
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resumed_from is not None else None,
                     weights_only=True)
     seconds = time.time() - t0
