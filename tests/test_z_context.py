@@ -139,3 +139,33 @@ def test_a_25d_network_trains_and_predicts_from_its_file_as_evaluation_does(crop
     x, _ = load_split(crop["dir"] / "prep3", "test")
     for i, z in enumerate(crop["manifest3"]["splits"]["test"]["slices"]):
         assert np.abs(got[z] - predict_tiled(res.net.eval(), x[i])).max() <= 1 / 255 + 1e-3
+
+
+def test_a_25d_model_is_served_by_mlflow_with_its_k_channels(crop, tmp_path):
+    """MLflow's pyfunc flavour of a 2.5D network takes (N, 3, H, W) and predicts what emseg does on a real
+    EPFL window; a single-slice input is refused by the signature instead of being misread."""
+    import mlflow
+
+    from emseg.tracking import log_model
+
+    torch.manual_seed(0)
+    net = build_network(crop["params3"].model).eval()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.create_experiment("zctx-serving", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=exp):
+        info = log_model(net)
+    assert [s.shape for s in info.signature.inputs.inputs] == [(-1, 3, -1, -1)]
+    x, _ = load_split(crop["dir"] / "prep3", "test")
+    window = np.ascontiguousarray(x[0][:, :128, :160], dtype=np.float32)
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    got = np.asarray(served.predict(window[None]))
+    assert got.shape == (1, 1, 128, 160)
+    own = predict_tiled(net, window)
+    np.testing.assert_allclose(got[0, 0], own, atol=1e-4)
+    # The neighbours matter to this network: the same slice without them predicts something else.
+    flat = np.asarray(served.predict(np.repeat(window[1:2], 3, axis=0)[None]))
+    assert np.abs(flat[0, 0] - own).max() > 1e-3
+    with pytest.raises(Exception, match="(?i)shape"):
+        served.predict(window[None, 1:2])
