@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHES = ["bench_prepare_memory.py", "bench_train_throughput.py", "bench_layout.py", "bench_pruning.py",
-           "bench_predict.py",
+BENCHES = ["bench_prepare_memory.py", "bench_train_throughput.py", "bench_semi_step.py", "bench_layout.py",
+           "bench_pruning.py", "bench_predict.py",
            "bench_epfl_train.py", "bench_active_learning.py", "bench_learning_curve.py"]
 
 if __name__ == "__main__":
