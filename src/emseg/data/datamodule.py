@@ -91,9 +91,6 @@ class EMDataModule(L.LightningDataModule):
             where = "the caller's arrays" if isinstance(self.data, ArraySplits) else str(self.data)
             raise ConfigError(f"params.yaml: train.semi.weight: {cfg.semi.weight:g}, but {where} hold no unlabelled "
                               "slices; set data.unlabelled_slices and prepare again (dvc repro)")
-        if isinstance(self.train_set, DevicePatchStream):
-            raise ConfigError("params.yaml: train.semi: unlabelled patches are cut by the CPU loader so far; set "
-                              "train.device_patches: auto or off with it")
         unlabelled = UnlabelledPatches(pool, cfg.patch_size, len(self.train_set), aug, self.seed + 7919)
         self.train_set = WithUnlabelled(self.train_set, unlabelled)
 

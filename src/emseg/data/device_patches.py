@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 
 from emseg.config import AugmentParams
-from emseg.data.patches import pixel_pools
-from emseg.errors import ConfigError
+from emseg.data.patches import check_patch_fits, pixel_pools
 
 
 def _as_nchw(images) -> torch.Tensor:
@@ -36,8 +35,7 @@ class DevicePatchSampler:
         self.x = _as_nchw(images).to(device)
         self.y = torch.as_tensor(np.asarray(labels, dtype=np.uint8)).to(device)
         h, w = self.x.shape[-2:]
-        if patch_size > h or patch_size > w:
-            raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
+        check_patch_fits(patch_size, h, w)
         self.patch, self.bias, self.device = patch_size, foreground_bias, torch.device(device)
         self.seed = seed
         self.gen = torch.Generator(device=self.device).manual_seed(seed)

@@ -38,6 +38,12 @@ def centre(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else image[image.shape[0] // 2]
 
 
+def check_patch_fits(patch_size: int, h: int, w: int) -> None:
+    """Training patches are cut from whole slices of h x w: a larger patch cannot be."""
+    if patch_size > h or patch_size > w:
+        raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
+
+
 def slices_per_input(images) -> int:
     """How many slices each input of ``images`` holds: 1 for (n, H, W), k for (n, k, H, W)."""
     return 1 if np.ndim(images) == 3 else int(np.shape(images)[1])
@@ -90,8 +96,7 @@ class PatchDataset(Dataset):
 
     def __init__(self, images, labels, patch_size, length, foreground_bias=0.5, augment=None, seed=0):
         h, w = images.shape[-2:]
-        if patch_size > h or patch_size > w:
-            raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
+        check_patch_fits(patch_size, h, w)
         self.images, self.labels = images, labels
         self.patch, self.length, self.bias = patch_size, length, foreground_bias
         self.augment, self.seed, self.epoch = augment, seed, 0
@@ -134,8 +139,7 @@ class UnlabelledPatches(Dataset):
 
     def __init__(self, images, patch_size, length, augment=None, seed=0):
         h, w = images.shape[-2:]
-        if patch_size > h or patch_size > w:
-            raise ConfigError(f"params.yaml: train.patch_size: {patch_size} is larger than the slices ({h}x{w})")
+        check_patch_fits(patch_size, h, w)
         self.images, self.patch, self.length, self.augment, self.seed, self.epoch = (
             images, patch_size, length, augment, seed, 0)
 
