@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "champion on this run's validation slices")
     sub.add_parser("active-learning", help="simulate active-learning strategies (pipelines/active_learning)")
     sub.add_parser("pretrain", help="train on other EM datasets, register as @pretrained (pipelines/pretrain)")
+    sub.add_parser("ssl", help="self-supervised pretraining on the unlabelled slices, register as @ssl "
+                   "(pipelines/ssl)")
     sub.add_parser("learning-curve",
                    help="test IoU against labelled slices, scratch vs pretrained (pipelines/learning_curve)")
     pr = sub.add_parser("promote", help="point an alias of a registered model at a version")
@@ -176,6 +178,8 @@ def _stage(command: str):
         from emseg.stages.register import run
     elif command == "pretrain":
         from emseg.stages.pretrain import run
+    elif command == "ssl":
+        from emseg.stages.ssl import run
     elif command == "learning-curve":
         from emseg.stages.learning_curve import run
     elif command == "active-learning":

@@ -311,6 +311,37 @@ class PretrainParams(_Strict):
     alias: str = "pretrained"
 
 
+class SslStack(_Strict):
+    """Another unlabelled EM stack for self-supervised pretraining: every slice, z-scored by its own statistics."""
+
+    name: str
+    image: str
+    scale: Annotated[float, Field(gt=0, le=4)] = 1.0  # resample so pixel sizes match the project's stack
+
+
+class SslParams(_Strict):
+    """Self-supervised pretraining (`dvc repro pipelines/ssl/dvc.yaml`): the whole U-Net learns to restore
+    patches of the project's own stack (every slice at least data.min_gap from a validation or test
+    slice) and of ``stacks``, with blocks masked out and noise added; registered as @ssl for train.init."""
+
+    stacks: list[SslStack] = []  # further unlabelled stacks beside the project's own
+    scale: Annotated[float, Field(gt=0, le=4)] = 1.0  # the project's own stack (1: as training sees it)
+    max_slices: Optional[PositiveInt] = None  # per stack, spread evenly (null: all; a cap for memory)
+    val_slices: PositiveInt = 2  # of the project's stack's eligible slices, kept for the validation loss
+    patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 192
+    patches_per_epoch: PositiveInt = 160
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 0.002
+    max_epochs: PositiveInt = 40
+    max_minutes: Optional[PositiveFloat] = 30.0
+    holes: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [8, 16]  # masked blocks per patch...
+    hole_size: Annotated[list[Probability], Field(min_length=2, max_length=2)] = [0.06, 0.16]  # ...side / patch side
+    noise: Annotated[float, Field(ge=0)] = 0.2  # sd of Gaussian noise on the whole input (z-score units)
+    visible_weight: Annotated[float, Field(ge=0)] = 0.1  # loss on unmasked pixels (denoising), beside the masked
+    registered_model: str = "emseg-ssl"
+    alias: str = "ssl"
+
+
 class LearningCurveParams(_Strict):
     source: Literal["auto", "epfl", "generated"] = "auto"  # as active.source
     scale: Annotated[float, Field(gt=0, le=1)] = 0.5  # the target's resampling (match pretrain sources)
@@ -347,6 +378,7 @@ with warnings.catch_warnings():
         active: ActiveParams = ActiveParams()
         pretrain: PretrainParams = PretrainParams()
         learning_curve: LearningCurveParams = LearningCurveParams()
+        ssl: SslParams = SslParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

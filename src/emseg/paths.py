@@ -26,4 +26,6 @@ REGISTRATION = "reports/register/registration.json"  # register
 PRETRAINED_MODEL = f"{MODEL_DIR}/pretrained.pt"     # pipelines/pretrain
 PRETRAIN_DIR = "reports/pretrain"
 LEARNING_CURVE_DIR = "reports/learning_curve"       # pipelines/learning_curve
+SSL_MODEL = f"{MODEL_DIR}/ssl.pt"                   # pipelines/ssl
+SSL_DIR = "reports/ssl"
 ACTIVE_LEARNING_DIR = "reports/active_learning"     # pipelines/active_learning

@@ -104,3 +104,28 @@ def plot_mean_band(series: dict, path: str | Path, xlabel: str, ylabel: str, tit
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_restoration(history: list[dict], example: tuple, path: str | Path, title: str = "") -> Path:
+    """Self-supervised restoration: the losses per epoch, and one validation patch as the network saw
+    it (masked, noisy), as it restored it, and as it is."""
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), gridspec_kw={"width_ratios": [1.6, 1, 1, 1]})
+    epochs = [r["epoch"] + 1 for r in history]
+    for key, style in (("train_loss", "-o"), ("val_loss", "-s"), ("val_masked_mse", "--")):
+        axes[0].plot(epochs, [r.get(key, np.nan) for r in history], style, ms=3, label=key)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_title("restoration loss")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    corrupted, restored, clean = (np.asarray(a, dtype=np.float32) for a in example)
+    lo, hi = np.percentile(clean, [1, 99])
+    for ax, img, name in zip(axes[1:], (corrupted, restored, clean), ("input (masked, noisy)", "restored", "clean")):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(name)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)

@@ -74,7 +74,7 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
-def _quiet() -> None:
+def quiet() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     # DevicePatchStream is an IterableDataset with a length, always read by the main process (no workers).
@@ -122,7 +122,7 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
     With ``resume`` and a ``last.ckpt`` left in ``work_dir`` by an interrupted run of the same
     configuration, training continues from it (epoch, optimiser, schedule, early-stopping and time
     budget included) instead of starting again."""
-    _quiet()
+    quiet()
     cfg = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
     module = SegmentationModule(model_spec(params.model), lr=lr, weight_decay=cfg.weight_decay,
