@@ -68,6 +68,42 @@ def test_dvc_repro_runs_prepare_tune_train_and_tracks_everything(repro_project):
 
 
 @pytest.mark.slow
+def test_mlflow_knows_the_data_lineage_of_the_run_and_the_model_version(repro_project):
+    """The train run lists its training, validation and testing data as MLflow datasets whose digest is
+    the DVC hash of data/prepared; the test scores are linked to the logged model; the registered
+    version's description names the data, slices and scores."""
+    import yaml
+
+    proj, _ = repro_project
+    client = mlflow_client(proj)
+    run_json = json.loads((proj / "reports/train/run.json").read_text())
+    run = client.get_run(run_json["run_id"])
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    manifest = json.loads((proj / "data/prepared/manifest.json").read_text())
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "testing"}, inputs
+    for context, split in (("training", "train"), ("validation", "val"), ("testing", "test")):
+        d = inputs[context]
+        assert d.dataset.digest == md5 and d.dataset.name == f"generated-{split}"
+        assert json.loads(d.dataset.source)["uri"].endswith(f"data/prepared/{split}_images.npy")
+        tags = {t.key: t.value for t in d.tags}
+        assert json.loads(tags["slices"]) == manifest["splits"][split]["slices"]
+    model_id = run_json["model_uri"].removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    linked = {m.key: m for m in logged.metrics or []}
+    assert linked["test_iou"].value == pytest.approx(json.loads((proj / "reports/evaluate/metrics.json").read_text())
+                                                     ["iou"])
+    assert linked["test_iou"].dataset_digest == md5 and linked["test_iou"].dataset_name == "generated-test"
+    reg = json.loads((proj / "reports/register/registration.json").read_text())
+    mv = client.get_model_version("emseg-unet", str(reg["version"]))
+    assert mv.description.startswith("Trained on generated (generated), 3 labelled slices "
+                                      f"{manifest['splits']['train']['slices']}")
+    assert f"Validation IoU {reg['val_iou']:.4f}" in mv.description and md5 in mv.description
+    assert f"Decision: {reg['decision']}." in mv.description
+
+
+@pytest.mark.slow
 def test_evaluate_and_register_promote_like_for_like_and_a_worse_run_does_not_take(repro_project):
     proj, _ = repro_project
     metrics = json.loads((proj / "reports/evaluate/metrics.json").read_text())

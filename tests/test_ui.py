@@ -124,6 +124,16 @@ def test_run_page_shows_the_per_epoch_curves_and_the_artifacts(ui, page):
     page.screenshot(path=str(SHOTS / "run_curves.png"), full_page=True)
 
     page.set_viewport_size({"width": 1600, "height": 1000})
+    # Lineage: the run's overview lists the data it was trained, validated and tested on (MLflow datasets).
+    page.goto(run_url)
+    page.get_by_text("generated-train").first.wait_for()
+    page.get_by_text("+2", exact=True).first.click()  # the overview shows one dataset, the rest on request
+    for name in ("generated-val", "generated-test"):
+        page.get_by_text(name).first.wait_for()
+    body = page.inner_text("body")
+    assert all(context in body for context in ("Training", "Validation", "Testing")), body[-1500:]
+    page.screenshot(path=str(SHOTS / "run_datasets.png"))
+    page.keyboard.press("Escape")
     page.goto(f"{run_url}/artifacts")
     for name in ("curves.png", "val_overlays.png", "history.csv", "weights", "evaluation"):
         page.get_by_text(name, exact=True).first.wait_for()
@@ -147,6 +157,7 @@ def test_registered_model_page_shows_the_champion(ui, page):
     page.get_by_text("champion").first.wait_for()
     body = page.inner_text("body")
     assert train.info.run_name in body or train.info.run_id in body  # the version links its run
+    assert "Trained on generated" in body and "labelled slices" in body, body[:3000]  # its description
     page.screenshot(path=str(SHOTS / "model_version.png"))
     (SHOTS / "pages.json").write_text(json.dumps({"base": base, "run": train.info.run_id,
                                                    "champion": champion.version}, indent=1))

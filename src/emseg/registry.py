@@ -152,7 +152,8 @@ def champion_version(name: str):
 
 
 def register_and_decide(model_uri: str, name: str, run_id: str, score: float, champion, champion_score: float | None,
-                        min_gain: float, tags: dict | None = None, not_comparable: str | None = None) -> dict:
+                        min_gain: float, tags: dict | None = None, not_comparable: str | None = None,
+                        description: str | None = None) -> dict:
     """Register the run's model as `challenger`; move `champion` to it only if ``score`` beats
     ``champion_score`` (the champion re-scored by the caller on the same data) by more than ``min_gain``.
     A tie keeps the old champion; versions are never deleted. ``not_comparable``: why the champion
@@ -168,6 +169,8 @@ def register_and_decide(model_uri: str, name: str, run_id: str, score: float, ch
     mv = mlflow.register_model(model_uri, name, tags={"source_run": run_id, "val_iou": f"{score:.6f}",
                                                       "decision": decision, **(tags or {})})
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    if description:
+        client.update_model_version(name, mv.version, description=f"{description} Decision: {decision}.")
     client.set_model_version_tag(name, mv.version, "champion_before",
                                  "none" if champion is None else str(champion.version))
     client.set_model_version_tag(name, mv.version, "champion_val_iou_before",

@@ -191,6 +191,49 @@ def run_tags(manifest: dict, init: str, root: str | Path = ".") -> dict[str, str
             "train_slices": json.dumps(s["train"]["slices"])}
 
 
+# MLflow's dataset contexts (the run page's "Datasets used" shows them beside each dataset).
+CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def prepared_dataset(manifest: dict, split: str, prepared_dir: str | Path = PREPARED_DIR, root: str | Path = "."):
+    """One split of the prepared data as an MLflow dataset: named by source and split, its digest the
+    DVC hash of `data/prepared` (what `dvc checkout` restores), its source the split's array file."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = (Path(prepared_dir) / f"{split}_images.npy").resolve()
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(path.as_uri())
+    return MetaDataset(source, name=f"{manifest['source']}-{split}", digest=dvc_data_hash(root)[:36])
+
+
+def logged_model_id(model_uri: str | None) -> str | None:
+    """The MLflow logged-model id in a ``models:/m-...`` URI (what tracking.log_model returns), else None."""
+    tail = (model_uri or "").removeprefix("models:/")
+    return tail if tail.startswith("m-") and "/" not in tail and "@" not in tail else None
+
+
+def log_data_inputs(manifest: dict, splits: tuple[str, ...], prepared_dir: str | Path = PREPARED_DIR,
+                    root: str | Path = ".") -> dict[str, Any]:
+    """Log ``splits`` of the prepared data as inputs of the active run (lineage on its MLflow page):
+    context training/validation/testing, tags with the split's slices and the raw file it came from."""
+    import mlflow
+
+    out = {}
+    for split in splits:
+        ds = prepared_dataset(manifest, split, prepared_dir, root)
+        files = manifest["files"]
+        role = "test_image" if split == "test" and "test_image" in files else "train_image"
+        mlflow.log_input(ds, context=CONTEXTS[split], tags={
+            "split": split, "slices": json.dumps(manifest["splits"][split]["slices"]),
+            "raw_file": str(files[role].get("origin", "generated")), "raw_sha256": files[role]["sha256"]})
+        out[split] = ds
+    return out
+
+
 def _requirements() -> list[str]:
     from importlib.metadata import version
 

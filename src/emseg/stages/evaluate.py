@@ -56,7 +56,8 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     else:
         h_rows = [{"h": h, "instance_f1": None}]  # no labelled object in the validation slices: h as set
     images, labels = load_split(prepared_dir, "test")
-    test_slices = json.loads((Path(prepared_dir) / "manifest.json").read_text())["splits"]["test"]["slices"]
+    manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
+    test_slices = manifest["splits"]["test"]["slices"]
     ev = evaluate_stack(net, images, labels, cfg, params.train.threshold, keep=cfg.overlays, h=h,
                         instances=load_instances(prepared_dir, "test"), runs=runs_of(test_slices))
     m = {**ev.metrics, "tta": cfg.inference.tta}
@@ -72,12 +73,17 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
             plot_overlays([centre(images[i]) for i, _ in ev.examples], [labels[i] for i, _ in ev.examples],
                           [p for _, p in ev.examples], rep / "overlays.png", params.train.threshold,
                           titles=[f"test slice {i}: green truth, magenta prediction" for i, _ in ev.examples])
-        run_id = json.loads(Path(TRAIN_RUN).read_text())["run_id"]
+        run_info = json.loads(Path(TRAIN_RUN).read_text())
+        run_id = run_info["run_id"]
         tracking.configure(params.tracking)
         with tracking.start_run(run_id=run_id):
+            # Lineage: the test split as the run's "testing" dataset, and the scores linked to the logged
+            # model and to that dataset (the model's page lists them).
+            test_ds = tracking.log_data_inputs(manifest, ("test",), prepared_dir)["test"]
             mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items()
                                 if k not in ("slices", "threshold") and isinstance(v, (int, float))
-                                and not isinstance(v, bool)})
+                                and not isinstance(v, bool)},
+                               model_id=tracking.logged_model_id(run_info.get("model_uri")), dataset=test_ds)
             mlflow.set_tags({"evaluate_tta": str(cfg.inference.tta).lower(), "instance_truth": m["instance_truth"]})
             for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "watershed_h.csv", "overlays.png"):
                 if (rep / f).exists():

@@ -24,6 +24,19 @@ from emseg.model.network import load_weights
 from emseg.paths import EVALUATE_METRICS, EVALUATED_MODEL, PARAMS, PREPARED_DIR, REGISTRATION, TRAIN_RUN
 
 
+def describe(manifest: dict, metrics: dict, val_iou: float, data_hash: str) -> str:
+    """A model version's description: the data it was trained and scored on, and its scores."""
+    s = manifest["splits"]
+    files = manifest["files"]
+    origin = files["train_image"].get("origin", "generated")
+    test_origin = files.get("test_image", files["train_image"]).get("origin", "generated")
+    return (f"Trained on {manifest['source']} ({origin}), {len(s['train']['slices'])} labelled slices "
+            f"{s['train']['slices']}; validation slices {s['val']['slices']}; test: {len(s['test']['slices'])} "
+            f"slices of {test_origin}. Validation IoU {val_iou:.4f} (what promotion compares), test IoU "
+            f"{float(metrics['iou']):.4f}, Dice {float(metrics['dice']):.4f}, instance F1 "
+            f"{float(metrics['instance_f1']):.4f}. Data: DVC hash {data_hash} of data/prepared.")
+
+
 def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     import mlflow
 
@@ -63,9 +76,11 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
             registry.WEIGHTS_TAG: f"{folder}/{Path(EVALUATED_MODEL).name}",
             **{k: str(post[k]).lower() for k in ("tta",) if k in post},
             **({"watershed_h": f"{float(metrics['watershed_h']):g}"} if "watershed_h" in metrics else {})}
+    manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
     result = registry.register_and_decide(run_info["model_uri"], name, run_info["run_id"], val_iou, champion,
                                           champion_iou, params.register.min_gain, tags=tags,
-                                          not_comparable=not_comparable)
+                                          not_comparable=not_comparable,
+                                          description=describe(manifest, metrics, val_iou, data_hash))
     result.update(test_iou=float(metrics["iou"]), val_data_hash=data_hash, val_slices=len(vx))
     write_json(REGISTRATION, result)
     before = "none" if champion_iou is None else f"v{champion.version} {champion_iou:.4f}"

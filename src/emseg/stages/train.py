@@ -56,6 +56,7 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
                                      f"{len(manifest['splits']['train']['slices'])}sl") as run:
         mlflow.log_params(tracking.flatten(params.model_dump(exclude={"tune"})))
         mlflow.log_params({"effective.lr": lr, "effective.batch_size": batch_size, "effective.origin": origin})
+        tracking.log_data_inputs(manifest, ("train", "val"), prepared_dir)  # lineage
 
         def log_epoch(row):
             mlflow.log_metrics({k: row[k] for k in CURVE_KEYS if k in row}, step=row["epoch"])
