@@ -44,20 +44,50 @@ def spread(values: list[float]) -> dict:
             "min": round(min(values), 4), "max": round(max(values), 4), "n": n}
 
 
-def one_seed(profile: Path, seed: int) -> dict:
-    proj = Path(tempfile.mkdtemp(prefix=f"emseg-bench-epfl-s{seed}-"))
+def project(profile: Path, seed: int, prefix: str) -> tuple[Path, dict]:
+    """A scratch project with the profile overlaid on params.yaml, EPFL from ../shared/data, fetched and
+    prepared."""
+    proj = Path(tempfile.mkdtemp(prefix=prefix))
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
     params["seed"] = seed
     params["data"]["epfl"]["mirrors"] = [str(EPFL)]
     params["data"]["epfl"]["cache_dir"] = str(proj / "cache")
-    init = params["train"].get("init") or {}
-    if init.get("path") and not Path(init["path"]).is_absolute():  # a project file, e.g. models/pretrained.pt
-        init["path"] = str((ROOT / init["path"]).resolve())
-        if not Path(init["path"]).is_file():
-            sys.exit(f"{init['path']}: not found; the profile starts from it (dvc repro pipelines/pretrain/dvc.yaml)")
+    return proj, params
+
+
+def prepared(proj: Path, params: dict) -> None:
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in ("fetch", "prepare"):
         run_measured(["emseg", stage], proj)
+
+
+def ssl_once(profile: Path, seed: int) -> dict:
+    """`emseg ssl` with the profile's settings in its own scratch project (the splits, hence the slices
+    it may see, do not depend on the seed): the weights every seed then fine-tunes from, and its figures."""
+    proj, params = project(profile, seed, "emseg-bench-epfl-ssl-")
+    params["train"]["init"] = {"mode": "scratch", "path": None, "uri": None}
+    prepared(proj, params)
+    res = run_measured(["emseg", "ssl"], proj)
+    m = json.loads((proj / "reports/ssl/metrics.json").read_text())
+    out = {"weights": str(proj / "models/ssl.pt"), "wall_seconds": round(res["seconds"], 1),
+           "peak_rss_mib": round(res["peak_rss_mib"]), "seed": seed,
+           **{k: m[k] for k in ("epochs", "train_seconds", "val_masked_mse_before", "val_masked_mse",
+                                "val_masked_mse_mean_fill")},
+           "slices": len(m["stacks"][0]["slices"]), "work_dir": str(proj)}
+    print(json.dumps({"ssl": out}), flush=True)
+    return out
+
+
+def one_seed(profile: Path, seed: int, init_path: str | None = None) -> dict:
+    proj, params = project(profile, seed, f"emseg-bench-epfl-s{seed}-")
+    init = params["train"].get("init") or {}
+    if init_path:
+        init["path"] = init_path
+    elif init.get("path") and not Path(init["path"]).is_absolute():  # a project file, e.g. models/pretrained.pt
+        init["path"] = str((ROOT / init["path"]).resolve())
+        if not Path(init["path"]).is_file():
+            sys.exit(f"{init['path']}: not found; the profile starts from it (dvc repro pipelines/pretrain/dvc.yaml)")
+    prepared(proj, params)
     train = run_measured(["emseg", "train"], proj)
     tm = json.loads((proj / "reports/train/metrics.json").read_text())
     ev = run_measured(["emseg", "evaluate"], proj)
@@ -86,7 +116,11 @@ def main() -> None:
     args = ap.parse_args()
     profile = Path(args.profile).resolve()
     t0 = time.time()
-    rows = [one_seed(profile, s) for s in args.seeds]
+    init = (yaml.safe_load(profile.read_text()).get("train") or {}).get("init") or {}
+    ssl = None
+    if init.get("path") == "models/ssl.pt" and not (ROOT / "models/ssl.pt").is_file():
+        ssl = ssl_once(profile, args.seeds[0])
+    rows = [one_seed(profile, s, ssl["weights"] if ssl else None) for s in args.seeds]
     summary = {k: spread([float(r[k]) for r in rows]) for k in SUMMARISED}
     iou = summary["iou"]
     save(f"epfl_train_{profile.stem}", {
@@ -94,6 +128,7 @@ def main() -> None:
                    + " ".join(map(str, args.seeds)),
         "profile": yaml.safe_load(profile.read_text()), "seeds": args.seeds, "wall_seconds": round(time.time() - t0),
         "summary": summary, "test_iou_mean_minus_sd": round(iou["mean"] - (iou["sd"] or 0.0), 4),
+        **({"ssl": ssl} if ssl else {}),
         "per_seed": rows,
     })
 

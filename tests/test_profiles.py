@@ -33,7 +33,10 @@ def test_profile_overlays_params_into_valid_params(profile):
     if "-cpu" in profile.stem:
         assert params.train.max_minutes is not None and params.train.max_minutes <= 15
     if params.train.init.mode == "checkpoint":
-        assert params.train.init.path == "models/pretrained.pt"  # what pipelines/pretrain writes
+        # what pipelines/pretrain or pipelines/ssl writes
+        assert params.train.init.path in ("models/pretrained.pt", "models/ssl.pt")
+    if params.train.init.path == "models/ssl.pt":  # restoration is learnt by the network fine-tuning uses
+        assert params.ssl.max_minutes is not None and params.ssl.max_minutes <= 30
 
 
 def test_a_misspelt_profile_key_is_refused(tmp_path):
