@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -259,33 +260,91 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     assert h_file != 7.5 and h_file == float(mlflow_client(proj).get_model_version("emseg-unet", str(version))
                                              .tags["watershed_h"])
 
-    # MLflow's own serving path, pyfunc flavour, on a normalised EPFL crop.
+    # MLflow's own serving: `mlflow models serve` of the champion answers a real HTTP request on
+    # 127.0.0.1 with a normalised EPFL tile.
     crop = tifffile.imread(shared / "epfl-hippocampus" / "testing.tif", key=0)[:128, :160].astype(np.float32)
     crop = (crop - crop.mean()) / crop.std()
-    (tmp_path / "input.json").write_text(json.dumps({"inputs": crop[None, None].tolist()}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"}
-    run_cli(["mlflow", "models", "predict", "-m", "models:/emseg-unet@champion", "-i", str(tmp_path / "input.json"),
-             "-t", "json", "-o", str(tmp_path / "served.json"), "--env-manager", "local"], proj, check=True, env=env)
-    served = json.loads((tmp_path / "served.json").read_text())
-    served = np.asarray(served.get("predictions", served))
+    with _served("models:/emseg-unet@champion", proj, env) as url:
+        served = _ask(url, crop)
     assert served.shape == (1, 1, 128, 160) and 0 <= served.min() and served.max() <= 1
     # Served predictions are emseg's own: the champion's weights through predict_tiled, to 1e-4, and so
     # is the in-process pyfunc model; their IoU against the ground truth agrees to 0.01.
     from emseg.config import TrackingParams
     from emseg.inference import predict_tiled
-    from emseg.model.network import load_weights
+    from emseg.model.network import SegmentationNet, load_weights
     from emseg.registry import fetched_weights
-    from emseg.tracking import configure
+    from emseg.tracking import configure, log_model
 
     configure(TrackingParams(), root=proj)
     with fetched_weights("models:/emseg-unet@champion") as weights:
-        own = predict_tiled(load_weights(weights)[0], crop)
+        champion = load_weights(weights)[0]
+    own = predict_tiled(champion, crop)
     np.testing.assert_allclose(served[0, 0], own, atol=1e-4)
     pyfunc = np.asarray(mlflow.pyfunc.load_model("models:/emseg-unet@champion").predict(crop[None, None]))
     np.testing.assert_allclose(pyfunc[0, 0], own, atol=1e-4)
     truth = tifffile.imread(shared / "epfl-hippocampus" / "testing_groundtruth.tif", key=0)[:128, :160] > 0
     iou = lambda p: ((p > 0.5) & truth).sum() / max(((p > 0.5) | truth).sum(), 1)  # noqa: E731
     assert abs(iou(served[0, 0]) - iou(own)) <= 0.01 and abs(iou(pyfunc[0, 0]) - iou(own)) <= 0.01
+    # A network that works at half resolution (model.input_scale 0.5) resamples inside the served model too.
+    half = SegmentationNet({**champion.spec, "input_scale": 0.5})
+    half.load_state_dict(champion.state_dict())
+    half.eval()
+    with mlflow.start_run(run_name="serve-input-scale-0.5"):
+        uri = log_model(half).model_uri
+    with _served(uri, proj, env) as url:
+        served_half = _ask(url, crop)
+    own_half = predict_tiled(half, crop)
+    assert np.abs(own_half - own).max() > 0.01  # the scale changes the answer, so the check below can fail
+    np.testing.assert_allclose(served_half[0, 0], own_half, atol=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _served(model_uri: str, cwd, env):
+    """`mlflow models serve` of ``model_uri`` on a free port of 127.0.0.1 (this environment), stopped after."""
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
+                               "--env-manager", "local", "-w", "1"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if server.poll() is not None:
+                pytest.fail(f"mlflow models serve exited:\n{server.stdout.read()[-3000:]}")
+            try:
+                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow models serve did not answer /ping within 2 minutes")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _ask(url: str, tile):
+    """POST one normalised tile to a served model's /invocations; its answer as an array."""
+    import urllib.request
+
+    import numpy as np
+
+    req = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": tile[None, None].tolist()}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        answer = json.loads(resp.read())
+    return np.asarray(answer.get("predictions", answer), dtype=np.float32)
 
 
 @pytest.mark.slow
