@@ -35,6 +35,12 @@ def is_uri(ref: str | Path) -> bool:
     return str(ref).startswith(PREFIX)
 
 
+def logged_model_id(model_uri: str | None) -> str | None:
+    """The MLflow logged-model id in a ``models:/m-...`` URI (what tracking.log_model returns), else None."""
+    tail = (model_uri or "").removeprefix(PREFIX)
+    return tail if tail.startswith("m-") and "/" not in tail and "@" not in tail else None
+
+
 def resolve(uri: str):
     """models:/NAME@ALIAS or models:/NAME/VERSION -> ModelVersion, with one clear error if absent."""
     from mlflow.exceptions import MlflowException

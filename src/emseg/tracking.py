@@ -210,12 +210,6 @@ def prepared_dataset(manifest: dict, split: str, prepared_dir: str | Path = PREP
     return MetaDataset(source, name=f"{manifest['source']}-{split}", digest=dvc_data_hash(root)[:36])
 
 
-def logged_model_id(model_uri: str | None) -> str | None:
-    """The MLflow logged-model id in a ``models:/m-...`` URI (what tracking.log_model returns), else None."""
-    tail = (model_uri or "").removeprefix("models:/")
-    return tail if tail.startswith("m-") and "/" not in tail and "@" not in tail else None
-
-
 def log_data_inputs(manifest: dict, splits: tuple[str, ...], prepared_dir: str | Path = PREPARED_DIR,
                     root: str | Path = ".") -> dict[str, Any]:
     """Log ``splits`` of the prepared data as inputs of the active run (lineage on its MLflow page):

@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from emseg import tracking
+from emseg import registry, tracking
 from emseg.config import load_params
 from emseg.data.prepare import load_instances, load_split
 from emseg.data.patches import centre
@@ -83,7 +83,7 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
             mlflow.log_metrics({f"test_{k}": float(v) for k, v in m.items()
                                 if k not in ("slices", "threshold") and isinstance(v, (int, float))
                                 and not isinstance(v, bool)},
-                               model_id=tracking.logged_model_id(run_info.get("model_uri")), dataset=test_ds)
+                               model_id=registry.logged_model_id(run_info.get("model_uri")), dataset=test_ds)
             mlflow.set_tags({"evaluate_tta": str(cfg.inference.tta).lower(), "instance_truth": m["instance_truth"]})
             for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "watershed_h.csv", "overlays.png"):
                 if (rep / f).exists():
