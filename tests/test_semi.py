@@ -27,7 +27,7 @@ def _params(crop: dict, **semi) -> dict:
                      "train_slices": 3, "val_slices": 2, "test_slices": 6, "annotations": None,
                      "unlabelled_slices": 12},
             "model": {"decoder_channels": [64, 32, 16, 16, 8]},
-            "train": {"patch_size": 96, "patches_per_epoch": 48, "batch_size": 8, "max_epochs": 6, "lr": 0.003,
+            "train": {"patch_size": 96, "patches_per_epoch": 64, "batch_size": 8, "max_epochs": 8, "lr": 0.003,
                       "early_stopping_patience": 6, "semi": {**SEMI, **semi}}}
 
 

@@ -162,7 +162,7 @@ class TrainParams(_Strict):
     use_tuned: bool = True  # take lr and batch_size from the tune stage's best_params.json
     num_workers: Annotated[int, Field(ge=0)] = 0
     accelerator: str = "auto"
-    devices: Union[PositiveInt, Literal["auto"]] = "auto"
+    devices: Union[PositiveInt, Literal["auto"]] = 1  # >1 with strategy ddp: one process per device (train stage)
     strategy: str = "auto"
     precision: Optional[str] = None  # None: 16-mixed on a GPU, 32 on the CPU
     channels_last: bool = True  # NHWC layout for the network's tensors: faster steps (benchmarks/bench_layout.py)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from emseg import IGNORE
 from emseg.config import TrainParams
@@ -107,11 +107,27 @@ class EMDataModule(L.LightningDataModule):
             return None                                      # CPU path gets Lightning's DistributedSampler
         return "cuda" if gpu else "cpu"
 
+    def _ranks(self) -> tuple[int, int]:
+        """(this process's rank, number of processes): (0, 1) unless training with DDP."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self):
         if isinstance(self.train_set, DevicePatchStream):  # ready batches, already on the device
             return DataLoader(self.train_set, batch_size=None, num_workers=0)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
-                          drop_last=len(self.train_set) > self.batch_size)
+        rank, world = self._ranks()
+        # DDP: rank r takes patches r, r + world, ...: together the epoch's patches of one process,
+        # each step the patches a single process would take with world x the batch size.
+        sampler = (DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=False)
+                   if world > 1 else None)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.cfg.num_workers, drop_last=len(self.train_set) // world > self.batch_size)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=1, num_workers=self.cfg.num_workers)
+        rank, world = self._ranks()
+        if len(self.val_set) < world:
+            raise ConfigError(f"params.yaml: train.devices: {world} processes need at least {world} validation "
+                              f"slices, the data hold {len(self.val_set)} (data.val_slices)")
+        # Every validation slice exactly once over the ranks (no padding: a repeated slice would count twice).
+        return DataLoader(self.val_set, batch_size=1, num_workers=self.cfg.num_workers,
+                          sampler=list(range(rank, len(self.val_set), world)) if world > 1 else None)

@@ -50,4 +50,19 @@ class PreciseBatchNorm(Callback):
         loader = trainer.datamodule.train_dataloader()
         # The network only: a mean teacher (train.semi) normalises by each batch's own statistics.
         recalibrate_batchnorm(pl_module.net, iter(loader), self.max_batches)
+        if trainer.world_size > 1:
+            pool_statistics(pl_module.net, trainer.strategy)
         pl_module.eval()
+
+
+@torch.no_grad()
+def pool_statistics(net: nn.Module, strategy) -> None:
+    """DDP: every rank recalibrated on its own share of the patches (as many batches each); pool them
+    into the statistics of all those patches, the same on every rank: the mean of the means, and the
+    mean of the second moments less the square of that mean."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            mean = strategy.reduce(m.running_mean.clone(), reduce_op="mean")
+            second = strategy.reduce(m.running_var + m.running_mean ** 2, reduce_op="mean")
+            m.running_mean.copy_(mean)
+            m.running_var.copy_((second - mean ** 2).clamp_min(0))

@@ -41,7 +41,8 @@ class SegmentationModule(L.LightningModule):
         loss = segmentation_loss(logits.float(), y, **self.hparams.loss)
         with torch.no_grad():
             self._counts[stage] = add_counts(self._counts[stage], confusion(logits > self.logit_threshold, y))
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(x))
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(x),
+                 sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -94,11 +95,19 @@ class SegmentationModule(L.LightningModule):
         self._step(batch, "val")
 
     def log_epoch_scores(self, stage: str) -> None:
-        """Log IoU and accuracy from the counts gathered this epoch, then reset them (idempotent)."""
-        if self._counts[stage]:
-            s = scores(self._counts[stage])
-            self.log(f"{stage}_iou", s["iou"], prog_bar=stage == "val", sync_dist=True)
-            self.log(f"{stage}_acc", s["accuracy"], sync_dist=True)
+        """Log IoU and accuracy from the counts gathered this epoch, then reset them (idempotent).
+        Under DDP the counts of all ranks are summed first: the IoU of the whole split, not a mean of
+        per-rank IoUs (which would weigh a rank's few slices like another's many)."""
+        counts = self._counts[stage]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            keys = ("tp", "fp", "fn", "tn")
+            local = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=self.device)
+            total = self.trainer.strategy.reduce(local, reduce_op="sum")
+            counts = dict(zip(keys, (int(v) for v in total.tolist()))) if float(total.sum()) > 0 else {}
+        if counts:
+            s = scores(counts)  # the same value on every rank: nothing left to synchronise
+            self.log(f"{stage}_iou", s["iou"], prog_bar=stage == "val")
+            self.log(f"{stage}_acc", s["accuracy"])
         self._counts[stage] = {}
 
     def on_train_epoch_start(self) -> None:

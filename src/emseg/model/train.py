@@ -7,6 +7,7 @@ with callbacks (history, pruning, checkpoints), not by editing the loop.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class History(Callback):
 
 @dataclass
 class FitResult:
-    net: SegmentationNet
+    net: SegmentationNet | None  # None on DDP ranks other than 0
     best_score: float
     history: list[dict]
     best_checkpoint: str | None
@@ -101,6 +102,12 @@ class FreezeEncoder(Callback):
         encoder.train(not frozen)
 
 
+def ddp_worker() -> bool:
+    """Whether this process is a DDP rank that Lightning started by running the command again
+    (train.strategy: ddp): it sets LOCAL_RANK >= 1 in their environment before they start."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0
+
+
 def _check_z_context(data, k: int) -> None:
     """The training inputs hold as many slices each as the network takes (model.z_context)."""
     if isinstance(data, ArraySplits):
@@ -116,12 +123,15 @@ def _check_z_context(data, k: int) -> None:
 def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: int,
         max_epochs: int | None = None, max_minutes: float | None = None, callbacks=(), on_epoch=None,
         progress: bool = True, checkpoints: bool = True, resume: bool = False,
-        start_from: SegmentationNet | None = None) -> FitResult:
+        start_from: SegmentationNet | None = None, distributed: bool = False) -> FitResult:
     """Fit and return the best network. ``data``: a prepared folder or an ``ArraySplits``.
     ``start_from``: continue from these weights instead of ``train.init`` (active-learning rounds).
     With ``resume`` and a ``last.ckpt`` left in ``work_dir`` by an interrupted run of the same
     configuration, training continues from it (epoch, optimiser, schedule, early-stopping and time
-    budget included) instead of starting again."""
+    budget included) instead of starting again.
+    ``distributed``: use ``train.devices`` and ``train.strategy`` (the train stage); otherwise one device
+    (tuning, learning curves, active learning). Under DDP every rank returns; only rank 0's result
+    holds the network (``net`` is None on the others, which must write nothing)."""
     quiet()
     cfg = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
@@ -147,13 +157,22 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
                                mode="max", save_last=True, enable_version_counter=False)
         cbs.append(ckpt)
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    devices, strategy = (cfg.devices, cfg.strategy) if distributed else (1, "auto")
+    ddp = "ddp" in str(strategy)
+    if strategy == "ddp":
+        # smp's EfficientNet keeps a head the U-Net never calls, and train.freeze_encoder_epochs leaves
+        # the encoder without gradients at first: DDP must expect parameters that get none.
+        strategy = "ddp_find_unused_parameters_true"
     max_time = None
     minutes = max_minutes if max_minutes is not None else cfg.max_minutes
     if minutes:
         max_time = {"seconds": int(minutes * 60)}
     trainer = L.Trainer(
         max_epochs=max_epochs or cfg.max_epochs, max_time=max_time, accelerator=cfg.accelerator,
-        devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision or ("16-mixed" if gpu else "32-true"),
+        devices=devices, strategy=strategy, precision=cfg.precision or ("16-mixed" if gpu else "32-true"),
+        # DDP on GPUs: BatchNorm over the patches of all ranks (the batch one process would see; torch
+        # has no CPU SyncBatchNorm). The data module splits patches and validation slices between ranks.
+        sync_batchnorm=ddp and gpu, use_distributed_sampler=False,
         callbacks=cbs, logger=False, enable_checkpointing=checkpoints, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
         default_root_dir=str(work_dir), log_every_n_steps=1,
@@ -170,9 +189,16 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
                     weights_only=True)
     seconds = time.time() - t0
     best = max((r.get("val_iou", 0.0) for r in history.rows), default=0.0)
+    if trainer.global_rank != 0:
+        return FitResult(None, best, history.rows, None, init_desc, len(history.rows), seconds,
+                         {"rank": trainer.global_rank})
     if ckpt is not None and ckpt.best_model_path:
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     net = module.net.cpu().eval()
+    if ddp and gpu:  # back from SyncBatchNorm to the plain network every reader of models/ expects
+        plain = SegmentationNet(model_spec(params.model))
+        plain.load_state_dict(net.state_dict())
+        net = plain.eval()
     return FitResult(net, best, history.rows, ckpt.best_model_path if ckpt else None, init_desc,
                      len(history.rows), seconds, {"resumed_from_epoch": resumed_from})

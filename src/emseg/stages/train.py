@@ -14,7 +14,7 @@ from emseg.data.patches import centre
 from emseg.fsutil import staged_files, write_json
 from emseg.inference import predict_slice
 from emseg.model.network import save_weights
-from emseg.model.train import CURVE_KEYS, curve_columns, fit
+from emseg.model.train import CURVE_KEYS, curve_columns, ddp_worker, fit
 from emseg.plots import plot_curves, plot_overlays
 from emseg import tracking
 from emseg.paths import BEST_PARAMS, CHECKPOINT_ROOT, PARAMS, PREPARED_DIR, TRAIN_DIR, TRAIN_RUN, TRAINED_MODEL
@@ -42,6 +42,11 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     from emseg.registry import local_init
 
     with local_init(load_params(params_path)) as params:  # registry init weights fetched once
+        if ddp_worker():  # its share of the steps and validation slices; rank 0 alone logs and writes
+            lr, batch_size, _ = effective_hparams(params)
+            fit(params, prepared_dir, checkpoint_dir(params, prepared_dir, lr, batch_size), lr=lr,
+                batch_size=batch_size, resume=True, progress=False, distributed=True)
+            return {}
         return _run(params, params_path, prepared_dir)
 
 
@@ -61,7 +66,8 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
         def log_epoch(row):
             mlflow.log_metrics({k: row[k] for k in CURVE_KEYS if k in row}, step=row["epoch"])
 
-        result = fit(params, prepared_dir, work, lr=lr, batch_size=batch_size, on_epoch=log_epoch, resume=True)
+        result = fit(params, prepared_dir, work, lr=lr, batch_size=batch_size, on_epoch=log_epoch, resume=True,
+                     distributed=True)
         mlflow.set_tags(tracking.run_tags(manifest, result.init))
         if result.extra.get("resumed_from_epoch") is not None:
             mlflow.set_tag("resumed_from_epoch", str(result.extra["resumed_from_epoch"]))
