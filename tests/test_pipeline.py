@@ -348,6 +348,61 @@ def _ask(url: str, tile):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs_as_emseg_predicts(repro_project, tmp_path):
+    """`emseg export` of the champion: bioimageio.spec validates the package, and bioimageio.core, with
+    either weight format, turns its test input (a real EPFL tile) into emseg's own prediction to 1e-4."""
+    import zipfile
+
+    import numpy as np
+    import tifffile
+    from bioimageio.core import create_prediction_pipeline
+    from bioimageio.core.digest_spec import create_sample_for_model
+    from bioimageio.spec import load_description
+    from bioimageio.spec.model import v0_5
+
+    from emseg.data.io import normalise
+    from emseg.inference import predict_slice
+    from emseg.predict import load_model
+
+    proj, _ = repro_project
+    out = tmp_path / "champion.zip"
+    proc = run_cli(["emseg", "export", "models:/emseg-unet@champion", str(out),
+                    "--sample", str(SHARED / "epfl-hippocampus" / "testing.tif"), "--slice", "40"], proj)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = run_cli(["emseg", "export", "models:/emseg-unet@champion", str(out)], proj)  # never replaced silently
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    descr = load_description(out, perform_io_checks=True)
+    assert isinstance(descr, v0_5.ModelDescr), descr.validation_summary.format()
+    assert descr.weights.pytorch_state_dict is not None and descr.weights.torchscript is not None
+    assert descr.covers and descr.cite and str(descr.license) == "MIT"
+    with zipfile.ZipFile(out) as z:
+        readme = z.read("README.md").decode()
+        packaged_input = np.load(z.open("test_input.npy"))
+        packaged_output = np.load(z.open("test_output.npy"))
+    assert "# Validation" in readme and "test_iou" in readme  # what the registry knows of the version
+    # The test input is the real tile: the centre 256 x 256 of slice 40, as read independently here.
+    tile = tifffile.imread(SHARED / "epfl-hippocampus" / "testing.tif", key=40)[256:512, 384:640].astype(np.float32)
+    assert packaged_input.shape == (1, 1, 256, 256) and np.array_equal(packaged_input[0, 0], tile)
+
+    mlflow_client(proj)  # the project's registry, process-wide
+    net, _, _ = load_model("models:/emseg-unet@champion")
+    exact = tile.astype(np.float64)  # a one-slice stack: emseg z-scores it by its own statistics
+    ours = predict_slice(net, normalise(tile, float(exact.mean()), float(exact.std())))
+    assert 0.01 < float(ours.mean()) < 0.99  # a tile with something to get right
+    np.testing.assert_allclose(packaged_output[0, 0], ours, atol=1e-4)
+    for fmt in ("pytorch_state_dict", "torchscript"):
+        pipeline = create_prediction_pipeline(descr, weight_format=fmt, devices=["cpu"])
+        try:
+            sample = create_sample_for_model(descr, inputs={"raw": packaged_input}, sample_id=fmt)
+            theirs = pipeline.predict_sample_without_blocking(sample).members["foreground"].data.to_numpy()
+        finally:
+            pipeline.unload()
+        assert theirs.shape == (1, 1, 256, 256)
+        np.testing.assert_allclose(theirs[0, 0], ours, atol=1e-4, err_msg=fmt)
+
+
 def test_init_from_the_registry_loads_the_champion_weights(repro_project):
     from pathlib import Path
 

@@ -169,3 +169,34 @@ def test_a_25d_model_is_served_by_mlflow_with_its_k_channels(crop, tmp_path):
     assert np.abs(flat[0, 0] - own).max() > 1e-3
     with pytest.raises(Exception, match="(?i)shape"):
         served.predict(window[None, 1:2])
+
+
+def test_a_25d_model_exports_to_bioimageio_with_its_neighbours_as_channels(crop, tmp_path):
+    """The bioimage.io package of a 2.5D network takes the slice and its neighbours as 3 channels, and
+    bioimageio.core predicts from them what emseg does (a real EPFL tile)."""
+    from bioimageio.core import create_prediction_pipeline
+    from bioimageio.core.digest_spec import create_sample_for_model
+    from bioimageio.spec import load_description
+    from bioimageio.spec.model import v0_5
+
+    from emseg.export import export
+
+    torch.manual_seed(0)
+    net = build_network(crop["params3"].model).eval()
+    out = export(net, "zctx.pt", {}, tmp_path / "pkg", crop["image"], z=6)
+    descr = load_description(out / "rdf.yaml", perform_io_checks=True)
+    assert isinstance(descr, v0_5.ModelDescr), descr.validation_summary.format()
+    channel = next(a for a in descr.inputs[0].axes if a.type == "channel")
+    assert [str(c) for c in channel.channel_names] == ["z-1", "z0", "z+1"]
+    packaged = np.load(out / "test_input.npy")
+    # Slices 5, 6, 7 of the crop, the centre 256 x 256 of each (the crop is 256 x 320).
+    assert np.array_equal(packaged[0], crop["stack"][5:8, :, 32:288].astype(np.float32))
+    exact = packaged[0].astype(np.float64)
+    own = predict_tiled(net, normalise(packaged[0], float(exact.mean()), float(exact.std())))
+    pipeline = create_prediction_pipeline(descr, weight_format="torchscript", devices=["cpu"])
+    try:
+        sample = create_sample_for_model(descr, inputs={"raw": packaged}, sample_id=0)
+        got = pipeline.predict_sample_without_blocking(sample).members["foreground"].data.to_numpy()
+    finally:
+        pipeline.unload()
+    np.testing.assert_allclose(got[0, 0], own, atol=1e-4)

@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--format", choices=("tiff", "ome-zarr"), default="tiff", dest="fmt",
                     help="tiff (default): probabilities.tif + instances.tif; ome-zarr: one chunked "
                          "prediction.ome.zarr (OME-NGFF 0.4) for large stacks")
+    ex = sub.add_parser("export", help="write a model as a bioimage.io package (ilastik, deepImageJ, QuPath, "
+                        "bioimageio.core)")
+    ex.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a weights .pt file")
+    ex.add_argument("output", help="new .zip file (or, without .zip, a new folder) for the package")
+    ex.add_argument("--sample", default=None, help="TIFF stack or folder of slices to cut the package's test input "
+                    "from (default: the project's data/raw/train_image.tif)")
+    ex.add_argument("--slice", type=int, default=None, dest="z", help="slice of --sample (default: the middle one)")
+    ex.add_argument("--author", default="emseg", help="author named in the package (default: emseg)")
+    ex.add_argument("--license", default="MIT", help="SPDX licence of the weights (default: MIT)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing package emseg wrote")
     sg = sub.add_parser("suggest", help="the patches (or slices) of a stack to label next, with templates to paint")
     sg.add_argument("input", help="multi-page TIFF or folder of 2D TIFF/PNG slices")
     sg.add_argument("output", help="new folder (put it under annotations/ to train on it once painted)")
@@ -189,9 +199,31 @@ def _stage(command: str):
     return run
 
 
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from emseg.errors import DataError
+    from emseg.export import export
+    from emseg.fsutil import claim_output
+    from emseg.paths import RAW_DIR
+
+    sample = args.sample or str(Path(RAW_DIR) / "train_image.tif")
+    if not Path(sample).exists():
+        raise DataError(f"{sample}: not found; give --sample, a stack to cut the package's test input from")
+    if not args.output.endswith(".zip"):
+        claim_output(args.output, args.overwrite, inputs=[sample])
+    params = _optional_params(args)
+    net, ref, meta = _load_model(args, params)
+    out = export(net, ref, meta["tags"], args.output, sample, args.z, args.overwrite, args.author, args.license)
+    print(f"export: {ref} -> {out} (bioimage.io model 0.5: state dict + TorchScript; checked with bioimageio.spec "
+          "and bioimageio.core)")
+
+
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "predict":
         _predict(args)
+    elif args.command == "export":
+        _export(args)
     elif args.command == "suggest":
         _suggest(args)
     elif args.command == "promote":

@@ -10,7 +10,6 @@ ImageNet weights come only from a local file.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,60 +19,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from emseg.config import InitParams, ModelParams
+from emseg.model.arch import DECODER_TAKES_LIST, EmsegNetwork, in_channels
 from emseg.errors import ConfigError, EmsegError
 
 
-def in_channels(spec: dict[str, Any]) -> int:
-    """Input channels of a network built from ``spec``: the slice and its z neighbours (``z_context``;
-    1 for a plain 2D network and for every weights file written before 2.5D existed)."""
-    return int(spec.get("z_context", 1))
-
-
-class SegmentationNet(nn.Module):
-    """An smp network plus the spec it was built from; ``forward`` returns logits (N, 1, H, W)."""
+class SegmentationNet(EmsegNetwork):
+    """An smp network plus the spec it was built from (emseg.model.arch); ``forward`` returns logits
+    (N, 1, H, W). Adds clear errors for specs it cannot build, and what training and active learning use."""
 
     def __init__(self, spec: dict[str, Any], source: str = "params.yaml: model"):
         """``source`` names where ``spec`` came from in errors: params.yaml, or a weights file."""
-        super().__init__()
-        self.spec = dict(spec)
         try:
-            arch = getattr(smp, spec["arch"])
-            kwargs = dict(encoder_name=spec["encoder"], encoder_weights=None, in_channels=in_channels(spec), classes=1)
-            if spec["arch"] in ("Unet", "UnetPlusPlus", "MAnet"):
-                kwargs["decoder_channels"] = list(spec["decoder_channels"])
+            arch = spec["arch"]
+            getattr(smp, arch)
+            spec["encoder"], in_channels(spec)
+            if arch in ("Unet", "UnetPlusPlus", "MAnet"):
+                list(spec["decoder_channels"])
         except (KeyError, AttributeError, TypeError) as exc:
             raise ConfigError(f"{source}: not a network spec emseg can build (missing or unknown {exc})") from None
         try:
-            self.net = arch(**kwargs)
+            super().__init__(spec)
         except (KeyError, ValueError):
             raise ConfigError(f"{source}.encoder: {spec['encoder']!r} is not an encoder smp knows "
                               "(segmentation_models_pytorch.encoders.get_encoder_names() lists them)") from None
-        self.dropout = nn.Dropout2d(spec.get("dropout", 0.0))
-        if spec.get("bn_momentum") is not None:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = spec["bn_momentum"]
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.net.encoder(x)
-
-    def _scaled_size(self, h, w) -> tuple[int, int]:
-        # Resample to the nearest sizes that are multiples of 32 (the encoder halves the size 5 times):
-        # integer arithmetic only, so torch.export keeps height and width dynamic.
-        num, den = Fraction(float(self.spec.get("input_scale", 1.0))).limit_denominator(64).as_integer_ratio()
-        return (h * num + den * 16) // (den * 32) * 32, (w * num + den * 16) // (den * 32) * 32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if float(self.spec.get("input_scale", 1.0)) == 1.0:
-            return self._logits(x)
-        h, w = x.shape[-2:]
-        small = F.interpolate(x, size=self._scaled_size(h, w), mode="bilinear", antialias=True, align_corners=False)
-        return F.interpolate(self._logits(small), size=(h, w), mode="bilinear", align_corners=False)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.net.encoder(x)
-        dec = self.net.decoder(feats) if _DECODER_TAKES_LIST else self.net.decoder(*feats)
-        return self.net.segmentation_head(self.dropout(dec))
 
     @torch.no_grad()
     def mc_logits(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +56,7 @@ class SegmentationNet(nn.Module):
         if scaled:
             x = F.interpolate(x, size=self._scaled_size(h, w), mode="bilinear", antialias=True, align_corners=False)
         feats = self.net.encoder(x)
-        dec = self.net.decoder(feats) if _DECODER_TAKES_LIST else self.net.decoder(*feats)
+        dec = self.net.decoder(feats) if DECODER_TAKES_LIST else self.net.decoder(*feats)
         was = self.dropout.training
         self.dropout.train(passes > 1)
         out = []
@@ -96,10 +67,6 @@ class SegmentationNet(nn.Module):
             out.append(logit)
         self.dropout.train(was)
         return torch.stack(out), feats[-1]
-
-
-# smp 0.5+ decoders take the feature list; older ones took *features. Decided once, not per forward.
-_DECODER_TAKES_LIST = tuple(int(v) for v in smp.__version__.split(".")[:2]) >= (0, 5)
 
 
 class ProbabilityModel(nn.Module):
