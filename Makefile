@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup browser lint test test-fast bench ui
+.PHONY: setup browser postgres lint test test-fast bench ui
 
-setup: $(VENV)/.installed browser
+setup: $(VENV)/.installed browser postgres
 
 # The MLflow UI test drives Debian's Chromium (Playwright never downloads a browser here).
 browser:
@@ -15,6 +15,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else \
 	    echo "make setup: Debian's chromium is missing for the UI test; run: sudo apt-get install -y chromium" >&2; exit 0; fi; \
 	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
+
+# The shared-servers test starts Debian's PostgreSQL on 127.0.0.1 (a lab's MLflow and Optuna backend).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else \
+	    echo "make setup: Debian's postgresql is missing for the shared-servers test; run: sudo apt-get install -y postgresql" >&2; exit 0; fi; \
+	  $$SUDO apt-get install -y -q postgresql >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q postgresql >/dev/null; }; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -74,9 +74,12 @@ def configure(cfg: TrackingParams, root: str | Path = ".") -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        artifacts = (root / cfg.artifact_root).resolve()
-        artifacts.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+        if uri.startswith(("http://", "https://")):  # a shared `mlflow server`: artifacts go where it keeps them
+            mlflow.create_experiment(cfg.experiment)
+        else:
+            artifacts = (root / cfg.artifact_root).resolve()
+            artifacts.mkdir(parents=True, exist_ok=True)
+            mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
     exp = mlflow.set_experiment(cfg.experiment)
     if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
         # Otherwise the MLflow 3 UI opens the experiment on its GenAI trace pages, not on the runs.
@@ -88,7 +91,7 @@ def configure(cfg: TrackingParams, root: str | Path = ".") -> str:
 PROCESS_TAG = "emseg.process"
 
 
-def _process_id(pid: int | None = None) -> str:
+def process_id(pid: int | None = None) -> str:
     """host:pid:start-time of a process; the start time tells a reused pid from the original one."""
     import socket
 
@@ -98,7 +101,7 @@ def _process_id(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
 
 
-def _process_alive(tag: str) -> bool | None:
+def process_alive(tag: str) -> bool | None:
     """True/False for a process of this host; None when the run was started on another host."""
     import socket
 
@@ -129,7 +132,7 @@ def fail_orphaned_runs(experiment_id: str) -> list[str]:
     failed = []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         tag = run.data.tags.get(PROCESS_TAG)
-        if tag and _process_alive(tag) is False:
+        if tag and process_alive(tag) is False:
             client.set_tag(run.info.run_id, "emseg.failure", f"process {tag} died without ending the run")
             client.set_terminated(run.info.run_id, status="FAILED")
             failed.append(run.info.run_id)
@@ -143,7 +146,7 @@ def start_run(**kwargs):
     import mlflow
 
     run = mlflow.start_run(**kwargs)
-    mlflow.set_tag(PROCESS_TAG, _process_id())
+    mlflow.set_tag(PROCESS_TAG, process_id())
     return run
 
 

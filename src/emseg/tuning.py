@@ -27,6 +27,16 @@ def study_name(params, prepared_dir: str) -> str:
     return f"{params.tune.study_name}-{hashlib.sha256(manifest + spec).hexdigest()[:10]}"
 
 
+def shown_url(url: str) -> str:
+    """A storage URL fit to write down: its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL (a journal file): nothing secret in it
+        return url
+
+
 def open_storage(params):
     import warnings
 
@@ -124,6 +134,11 @@ def _objective(params, prepared_dir: str, name: str):
     cfg = params.tune
 
     def objective(trial) -> float:
+        trial.set_user_attr("process", tracking.process_id())
+        if surplus(trial, cfg.n_trials):  # another process sharing the study took the last slot first
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            return float("nan")  # recorded as failed, never counted; no MLflow run was started
         lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
         bs = trial.suggest_categorical("batch_size", cfg.batch_sizes)
         with tracking.start_run(run_name=f"trial-{trial.number}", nested=True):
@@ -147,6 +162,22 @@ def _objective(params, prepared_dir: str, name: str):
     return objective
 
 
+def surplus(trial, n_trials: int) -> bool:
+    """Whether ``trial`` is beyond the study's budget of ``n_trials``. Several `emseg tune` processes may
+    share one study (a lab's PostgreSQL, or Optuna's journal file): the storage numbers trials one by one,
+    so counting the trials that are finished or running with a number up to this one's gives every
+    process the same answer, however their steps interleave. A trial whose process on this host is gone
+    (killed: the run being resumed) holds no slot."""
+    from optuna.trial import TrialState
+
+    from emseg.tracking import process_alive
+
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    ahead = [t for t in trial.study.get_trials(deepcopy=False, states=live) if t.number <= trial.number
+             and not (t.state == TrialState.RUNNING and process_alive(t.user_attrs.get("process", "")) is False)]
+    return len(ahead) > n_trials
+
+
 def run_study(params, prepared_dir: str) -> StudyResult:
     """Create or resume the study for these data and settings and run the trials still missing."""
     import optuna
@@ -166,8 +197,11 @@ def run_study(params, prepared_dir: str) -> StudyResult:
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     missing = max(cfg.n_trials - sum(t.state in finished for t in study.trials), 0)
     if missing:
+        from optuna.study import MaxTrialsCallback
+
+        # Stop once the study holds n_trials finished ones, also those other processes ran meanwhile.
         study.optimize(_objective(params, prepared_dir, name), n_trials=missing,
                        timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None, catch=(),
-                       show_progress_bar=True)
+                       show_progress_bar=True, callbacks=[MaxTrialsCallback(cfg.n_trials, states=finished)])
     trials = [t for t in study.trials if t.state in finished]
     return StudyResult(study, name, trials, [t for t in trials if t.state == TrialState.COMPLETE], missing, dead)

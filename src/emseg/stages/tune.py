@@ -9,7 +9,7 @@ from pathlib import Path
 from emseg.config import load_params
 from emseg.errors import EmsegError
 from emseg.fsutil import staged_files, write_json
-from emseg.paths import BEST_PARAMS, PARAMS, PREPARED_DIR, TUNE_DIR
+from emseg.paths import BEST_PARAMS, OPTUNA_DIR, PARAMS, PREPARED_DIR, TUNE_DIR
 
 
 def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
@@ -51,6 +51,10 @@ def _run(params, prepared_dir: str) -> dict:
                 mlflow.log_artifact(str(png))
             mlflow.log_artifact(str(rep / "trials.csv"))
             write_json(rep / Path(BEST_PARAMS).name, result)
+        # DVC keeps optuna/ between runs; with a shared server (tune.storage) it says where the study is.
+        Path(OPTUNA_DIR).mkdir(exist_ok=True)
+        write_json(Path(OPTUNA_DIR) / "study.json",
+                   {"storage": tuning.shown_url(params.tune.storage), "study": res.name})
     print(f"tune: best val IoU {best.value:.3f} with lr {result['lr']:.2g}, batch {result['batch_size']} "
           f"({len(res.completed)} complete, {n_pruned} pruned, {res.run_now} run now) -> {BEST_PARAMS}")
     return result
