@@ -348,7 +348,6 @@ def _ask(url: str, tile):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs_as_emseg_predicts(repro_project, tmp_path):
     """`emseg export` of the champion: bioimageio.spec validates the package, and bioimageio.core, with
     either weight format, turns its test input (a real EPFL tile) into emseg's own prediction to 1e-4."""
@@ -372,6 +371,10 @@ def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs_as_emseg_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = run_cli(["emseg", "export", "models:/emseg-unet@champion", str(out)], proj)  # never replaced silently
     assert again.returncode == 1 and "already exists" in again.stderr
+    bad = run_cli(["emseg", "export", "models:/emseg-unet@champion", str(tmp_path / "bad.zip"), "--license", "nope",
+                   "--sample", str(SHARED / "epfl-hippocampus" / "testing.tif")], proj)
+    assert bad.returncode == 1 and "is not an SPDX licence id" in bad.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["champion.zip"]  # nothing half-written
 
     descr = load_description(out, perform_io_checks=True)
     assert isinstance(descr, v0_5.ModelDescr), descr.validation_summary.format()
@@ -403,6 +406,7 @@ def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs_as_emseg_p
         np.testing.assert_allclose(theirs[0, 0], ours, atol=1e-4, err_msg=fmt)
 
 
+@pytest.mark.slow
 def test_init_from_the_registry_loads_the_champion_weights(repro_project):
     from pathlib import Path
 

@@ -126,7 +126,7 @@ def test_two_tune_processes_share_one_study_and_run_exactly_n_trials(servers, pr
     from mlflow import MlflowClient
 
     n = 4
-    write_params(project, {"tune": {"n_trials": n, "study_name": "two-processes"}})
+    write_params(project, {"tune": {"n_trials": n, "study_name": "two-processes", "epochs_per_trial": 2}})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(["emseg", "tune"], cwd=project, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -202,16 +202,22 @@ def _stage(command: str):
 def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from emseg.errors import DataError
+    from emseg.errors import DataError, OutputError
     from emseg.export import export
-    from emseg.fsutil import claim_output
+    from emseg.fsutil import MARKER, claim_output
     from emseg.paths import RAW_DIR
+    from emseg.registry import is_uri
 
     sample = args.sample or str(Path(RAW_DIR) / "train_image.tif")
     if not Path(sample).exists():
         raise DataError(f"{sample}: not found; give --sample, a stack to cut the package's test input from")
     if not args.output.endswith(".zip"):
-        claim_output(args.output, args.overwrite, inputs=[sample])
+        claim_output(args.output, args.overwrite, inputs=[sample, args.params or DEFAULT_PARAMS]
+                     + ([args.model] if not is_uri(args.model) else []))
+        marker = Path(args.output) / MARKER
+        if marker.is_file() and '"export"' not in marker.read_text():
+            raise OutputError(f"{args.output}: holds another emseg command's output, not a package; refusing to "
+                              "replace it; choose a new output")
     params = _optional_params(args)
     net, ref, meta = _load_model(args, params)
     out = export(net, ref, meta["tags"], args.output, sample, args.z, args.overwrite, args.author, args.license)

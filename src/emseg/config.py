@@ -163,7 +163,7 @@ class TrainParams(_Strict):
     num_workers: Annotated[int, Field(ge=0)] = 0
     accelerator: str = "auto"
     devices: Union[PositiveInt, Literal["auto"]] = 1  # >1 with strategy ddp: one process per device (train stage)
-    strategy: str = "auto"
+    strategy: Literal["auto", "ddp"] = "auto"  # ddp: one process per device (train stage only)
     precision: Optional[str] = None  # None: 16-mixed on a GPU, 32 on the CPU
     channels_last: bool = True  # NHWC layout for the network's tensors: faster steps (benchmarks/bench_layout.py)
     # Cut and augment the training patches on the training device (emseg.data.device_patches) instead

@@ -21,7 +21,7 @@ import torch
 
 from emseg.data.io import check_image_dtype, context_indices, inspect_stack, normalise, read_slices
 from emseg.errors import DataError, EmsegError, OutputError
-from emseg.fsutil import atomic_dir
+from emseg.fsutil import atomic_dir, atomic_file
 from emseg.inference import predict_slice
 from emseg.model import arch
 from emseg.model.network import ProbabilityModel, SegmentationNet, in_channels
@@ -158,8 +158,10 @@ def build_package(net: SegmentationNet, ref: str, tags: dict, sample: str | Path
         cite.insert(0, bmz.CiteEntry(text=text, doi=bmz.Doi(doi)))
     names = ["em"] if k == 1 else [f"z{d:+d}" if d else "z0" for d in range(-(k // 2), k // 2 + 1)]
     torch_version = bmz.Version(torch.__version__.split("+")[0])
+    scale = float(spec.get("input_scale", 1.0))
+    smallest = max(64, -(-int(np.ceil(16 / scale)) // 32) * 32)  # the encoder must see at least 32 px
     with ValidationContext(root=work, perform_io_checks=True):
-        size = bmz.ParameterizedSize(min=64, step=32)
+        size = bmz.ParameterizedSize(min=smallest, step=32)
         inputs = bmz.InputTensorDescr(
             id=bmz.TensorId("raw"),
             axes=[bmz.BatchAxis(), bmz.ChannelAxis(channel_names=names),
@@ -197,6 +199,30 @@ def build_package(net: SegmentationNet, ref: str, tags: dict, sample: str | Path
             inputs=[inputs], outputs=[outputs], weights=weights)
 
 
+def _first_error(exc: ValueError) -> str:
+    """One short line from a pydantic validation error: the field, what was given, what is wanted."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors) or not errors():
+        return str(exc).splitlines()[0][:200]
+    e = errors()[0]
+    field = ".".join(str(p) for p in e.get("loc", ()) if not str(p).startswith("function-"))
+    if field.startswith("license"):
+        return f"--license {e.get('input')!r} is not an SPDX licence id (for example MIT, CC-BY-4.0, Apache-2.0)"
+    msg = e.get("msg", "")
+    return f"{field or 'description'}: {msg[:160] + '...' if len(msg) > 160 else msg} (given {e.get('input')!r})"
+
+
+def _an_emseg_package(path: Path) -> bool:
+    """A zip holding a bioimage.io description tagged emseg: what --overwrite may replace."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "emseg" in z.read("rdf.yaml").decode(errors="replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
+
+
 def check_package(path: Path) -> None:
     """Load the written package with bioimageio.spec, then let bioimageio.core run both weight formats
     on its test input against its test output; one line if either says no."""
@@ -206,8 +232,9 @@ def check_package(path: Path) -> None:
 
     described = load_description(path, perform_io_checks=True)
     if not isinstance(described, bmz.ModelDescr):
-        raise EmsegError(f"{path}: bioimageio.spec rejects the package: {described.validation_summary.format()}")
-    summary = test_model(path)
+        first = next((f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in described.validation_summary.errors), "invalid")
+        raise EmsegError(f"{path}: bioimageio.spec rejects the package: {first}")
+    summary = test_model(path, devices=["cpu"])  # where the test output was computed: no TF32 on a GPU
     if summary.status != "passed":
         failed = [f"{d.name}: {e.msg}" for d in summary.details for e in d.errors][:3]
         raise EmsegError(f"{path}: bioimageio.core's test of the package failed: {'; '.join(failed)}")
@@ -230,17 +257,21 @@ def _export(net, ref, tags, out: Path, sample, z, overwrite, author, license) ->
         raise OutputError(f"{out}: already exists; choose another output or pass --overwrite")
     if out.suffix == ".zip" and out.exists() and not out.is_file():
         raise OutputError(f"{out}: is not a file; refusing to replace it")
+    if out.suffix == ".zip" and out.exists() and not _an_emseg_package(out):
+        raise OutputError(f"{out}: is not a bioimage.io package emseg wrote; refusing to replace it")
     with tempfile.TemporaryDirectory(prefix="emseg-export-") as tmp:
         work = Path(tmp) / "files"
         work.mkdir()
-        descr = build_package(net, ref, tags, sample, z, work, author, license)
+        try:
+            descr = build_package(net, ref, tags, sample, z, work, author, license)
+        except ValueError as exc:  # pydantic: a field bioimage.io does not accept (--author, --license)
+            raise EmsegError(f"{out}: bioimage.io does not accept the description: {_first_error(exc)}") from None
         if out.suffix == ".zip":
             staged = Path(tmp) / out.name
             save_bioimageio_package(descr, output_path=staged)
             check_package(staged)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(staged, out.with_name(out.name + ".emseg-tmp"))
-            os.replace(out.with_name(out.name + ".emseg-tmp"), out)
+            with atomic_file(out, "wb") as fh, open(staged, "rb") as src:
+                shutil.copyfileobj(src, fh)
         else:
             with atomic_dir(out, marker={"command": "export", "model": ref}) as folder:
                 save_bioimageio_package_as_folder(descr, output_path=folder)

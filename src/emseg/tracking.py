@@ -74,12 +74,18 @@ def configure(cfg: TrackingParams, root: str | Path = ".") -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        if uri.startswith(("http://", "https://")):  # a shared `mlflow server`: artifacts go where it keeps them
-            mlflow.create_experiment(cfg.experiment)
-        else:
-            artifacts = (root / cfg.artifact_root).resolve()
-            artifacts.mkdir(parents=True, exist_ok=True)
-            mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if uri.startswith(("http://", "https://")):  # a shared `mlflow server`: artifacts go where it keeps them
+                mlflow.create_experiment(cfg.experiment)
+            else:
+                artifacts = (root / cfg.artifact_root).resolve()
+                artifacts.mkdir(parents=True, exist_ok=True)
+                mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+        except MlflowException as exc:  # another process sharing the store created it meanwhile
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     exp = mlflow.set_experiment(cfg.experiment)
     if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
         # Otherwise the MLflow 3 UI opens the experiment on its GenAI trace pages, not on the runs.
@@ -150,7 +156,15 @@ def start_run(**kwargs):
     return run
 
 
+def shown_url(url: str) -> str:
+    """A URL fit to log or write down: its password hidden (postgresql://user:***@host/db)."""
+    import re
+
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]+):[^/]*@", r"\1:***@", url)
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params as MLflow params (dotted keys); URLs with a password are logged without it."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -158,6 +172,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v if not isinstance(v, list) else json.dumps(v)
+            if isinstance(v, str) and "://" in v:
+                out[key] = shown_url(v)
     return out
 
 

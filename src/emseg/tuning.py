@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -20,21 +21,12 @@ def study_name(params, prepared_dir: str) -> str:
     manifest = (Path(prepared_dir) / "manifest.json").read_bytes()
     spec = json.dumps({"model": params.model.model_dump(),
                        "train": params.train.identity(lr=True, batch_size=True, use_tuned=True, max_epochs=True,
-                                                      max_minutes=True, num_workers=True),
+                                                      max_minutes=True, num_workers=True, devices=True,
+                                                      strategy=True),  # trials always use one device
                        "tune": params.tune.model_dump(include={"epochs_per_trial", "minutes_per_trial", "lr_min",
                                                                "lr_max", "batch_sizes"}),
                        "seed": params.seed}, sort_keys=True).encode()
     return f"{params.tune.study_name}-{hashlib.sha256(manifest + spec).hexdigest()[:10]}"
-
-
-def shown_url(url: str) -> str:
-    """A storage URL fit to write down: its password hidden."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL (a journal file): nothing secret in it
-        return url
 
 
 def open_storage(params):
@@ -172,10 +164,28 @@ def surplus(trial, n_trials: int) -> bool:
 
     from emseg.tracking import process_alive
 
-    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     ahead = [t for t in trial.study.get_trials(deepcopy=False, states=live) if t.number <= trial.number
              and not (t.state == TrialState.RUNNING and process_alive(t.user_attrs.get("process", "")) is False)]
     return len(ahead) > n_trials
+
+
+def _wait_for_others(study, storage, poll_s: float = 2.0) -> None:
+    """Until no trial of the study is running: another process sharing it is still training one (its
+    result belongs in this process's report), or it died and its heartbeat goes stale (then it is failed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from emseg.tracking import process_alive
+
+    while True:
+        if storage.heartbeat_interval:
+            optuna.storages.fail_stale_trials(study)
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if process_alive(t.user_attrs.get("process", "")) is not False]
+        if not running or not storage.heartbeat_interval:
+            return
+        time.sleep(poll_s)
 
 
 def run_study(params, prepared_dir: str) -> StudyResult:
@@ -195,13 +205,20 @@ def run_study(params, prepared_dir: str) -> StudyResult:
     if dead:  # said before the new trials run, so the user knows why they are being rerun
         print(f"tune: trial(s) {', '.join(map(str, dead))} of an interrupted run never sent a heartbeat: marked failed")
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    missing = max(cfg.n_trials - sum(t.state in finished for t in study.trials), 0)
-    if missing:
+    missing = first_missing = max(cfg.n_trials - sum(t.state in finished for t in study.trials), 0)
+    for _ in range(3):  # a slot other processes held and lost (their trial failed) is run here
+        if not missing:
+            break
         from optuna.study import MaxTrialsCallback
 
         # Stop once the study holds n_trials finished ones, also those other processes ran meanwhile.
         study.optimize(_objective(params, prepared_dir, name), n_trials=missing,
                        timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None, catch=(),
                        show_progress_bar=True, callbacks=[MaxTrialsCallback(cfg.n_trials, states=finished)])
+        _wait_for_others(study, storage)
+        missing = max(cfg.n_trials - sum(t.state in finished for t in study.trials), 0)
+        if cfg.timeout_minutes:
+            break
+    missing = first_missing
     trials = [t for t in study.trials if t.state in finished]
     return StudyResult(study, name, trials, [t for t in trials if t.state == TrialState.COMPLETE], missing, dead)

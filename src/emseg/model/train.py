@@ -103,9 +103,13 @@ class FreezeEncoder(Callback):
 
 
 def ddp_worker() -> bool:
-    """Whether this process is a DDP rank that Lightning started by running the command again
-    (train.strategy: ddp): it sets LOCAL_RANK >= 1 in their environment before they start."""
-    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0
+    """Whether this process is a DDP rank other than 0: one that Lightning started by running the command
+    again (train.strategy: ddp; it sets LOCAL_RANK), or that torchrun or SLURM started (RANK, SLURM_PROCID).
+    The variables are read in Lightning's own order."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key):
+            return int(os.environ[key]) > 0
+    return False
 
 
 def _check_z_context(data, k: int) -> None:
@@ -158,7 +162,12 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
         cbs.append(ckpt)
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     devices, strategy = (cfg.devices, cfg.strategy) if distributed else (1, "auto")
-    ddp = "ddp" in str(strategy)
+    if strategy == "auto" and devices != 1:  # several devices: always the DDP this module handles
+        strategy = "ddp"
+    if strategy not in ("auto", "ddp"):
+        raise ConfigError(f"params.yaml: train.strategy: {strategy!r}; expected auto or ddp (one process per "
+                          "device, started by the train stage)")
+    ddp = strategy == "ddp"
     if strategy == "ddp":
         # smp's EfficientNet keeps a head the U-Net never calls, and train.freeze_encoder_epochs leaves
         # the encoder without gradients at first: DDP must expect parameters that get none.

@@ -54,7 +54,7 @@ def _run(params, prepared_dir: str) -> dict:
         # DVC keeps optuna/ between runs; with a shared server (tune.storage) it says where the study is.
         Path(OPTUNA_DIR).mkdir(exist_ok=True)
         write_json(Path(OPTUNA_DIR) / "study.json",
-                   {"storage": tuning.shown_url(params.tune.storage), "study": res.name})
+                   {"storage": tracking.shown_url(params.tune.storage), "study": res.name})
     print(f"tune: best val IoU {best.value:.3f} with lr {result['lr']:.2g}, batch {result['batch_size']} "
           f"({len(res.completed)} complete, {n_pruned} pruned, {res.run_now} run now) -> {BEST_PARAMS}")
     return result
