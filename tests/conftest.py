@@ -45,6 +45,34 @@ def run_cli(args, cwd, check=False, env=None, timeout=1200) -> subprocess.Comple
     return proc
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen, seconds: float, what: str, output=lambda: "") -> None:
+    """Poll ``url`` until it answers 200; fail the test, with ``output()`` (the server's last words),
+    if ``proc`` exits first or ``seconds`` pass."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"{what} did not answer {url} within {seconds:g} s:\n{output()[-3000:]}")
+        time.sleep(0.5)
+
+
 def mlflow_client(proj: Path):
     """A client on a project's MLflow store. Both URIs, also set process-wide: an earlier test in this
     process may have pointed MLflow's registry elsewhere."""

@@ -14,7 +14,8 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import ROOT, SHARED, TINY, make_project, mlflow_client, run_cli, write_params
+from conftest import (ROOT, SHARED, TINY, free_port, make_project, mlflow_client, run_cli, wait_until_answers,
+                      write_params)
 from test_architecture import _covered, _declared
 
 
@@ -299,35 +300,17 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     np.testing.assert_allclose(served_half[0, 0], own_half, atol=1e-4)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _served(model_uri: str, cwd, env):
     """`mlflow models serve` of ``model_uri`` on a free port of 127.0.0.1 (this environment), stopped after."""
-    import urllib.request
-
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
                                "--env-manager", "local", "-w", "1"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            if server.poll() is not None:
-                pytest.fail(f"mlflow models serve exited:\n{server.stdout.read()[-3000:]}")
-            try:
-                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow models serve did not answer /ping within 2 minutes")
+        wait_until_answers(f"{url}/ping", server, 120, "mlflow models serve",
+                           lambda: server.stdout.read() if server.poll() is not None else "")
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)

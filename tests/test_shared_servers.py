@@ -10,25 +10,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, make_project, run_cli, write_params
+from conftest import TINY, free_port, make_project, run_cli, wait_until_answers, write_params
 
 pytestmark = pytest.mark.slow
 BIN = Path(os.sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _postgres_bin() -> Path:
@@ -47,7 +38,7 @@ def servers():
     if os.geteuid() == 0:  # initdb refuses root: the cluster belongs to Debian's postgres user
         shutil.chown(root, "postgres", "postgres")
         as_postgres = ["runuser", "-u", "postgres", "--"]
-    data, port, web = root / "data", _free_port(), _free_port()
+    data, port, web = root / "data", free_port(), free_port()
     mlflow_proc = None
     try:
         subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
@@ -65,16 +56,7 @@ def servers():
              str(artifacts), "--host", "127.0.0.1", "--port", str(web), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=open(root / "mlflow.log", "w"), start_new_session=True)
         url = f"http://127.0.0.1:{web}"
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert mlflow_proc.poll() is None and time.time() < deadline, (root / "mlflow.log").read_text()[-3000:]
-            time.sleep(1)
+        wait_until_answers(f"{url}/health", mlflow_proc, 180, "mlflow server", (root / "mlflow.log").read_text)
         yield {"mlflow": url, "optuna": f"{base}/optuna", "artifacts": artifacts}
     finally:
         if mlflow_proc is not None:

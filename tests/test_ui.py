@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import time
-import urllib.request
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT
+from conftest import ROOT, free_port, wait_until_answers
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ROOT / "test-artifacts" / "ui"
@@ -27,33 +24,18 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(repro_project):
     proj, _ = repro_project
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}",
          "--host", "127.0.0.1", "--port", str(port)],
         cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow ui did not start:\n{server.stdout.read()[-3000:] if server.stdout else ''}")
-            time.sleep(0.5)
+        wait_until_answers(f"{base}/health", server, 120, "mlflow ui",
+                           lambda: server.stdout.read() if server.poll() is not None else "")
         yield proj, base
     finally:
         server.terminate()

@@ -220,7 +220,7 @@ def _export(args: argparse.Namespace) -> None:
                               "replace it; choose a new output")
     params = _optional_params(args)
     net, ref, meta = _load_model(args, params)
-    out = export(net, ref, meta["tags"], args.output, sample, args.z, args.overwrite, args.author, args.license)
+    out = export(net, ref, meta, args.output, sample, args.z, args.overwrite, args.author, args.license)
     print(f"export: {ref} -> {out} (bioimage.io model 0.5: state dict + TorchScript; checked with bioimageio.spec "
           "and bioimageio.core)")
 

@@ -105,29 +105,27 @@ def _documentation(ref: str, spec: dict, facts: dict, z: int, sample: str) -> st
     return "\n".join(lines)
 
 
-def _facts(ref: str, tags: dict) -> tuple[dict, str | None]:
-    """What the registry knows of a version: scores, data, description; and the dataset to cite."""
-    from emseg import registry
-
+def _facts(meta: dict) -> tuple[dict, str | None]:
+    """What the registry knows of the version the weights came from (``meta`` of emseg.predict.load_model:
+    its tags, description and run; empty for a weights file): scores, data; and the dataset to cite."""
+    tags = meta.get("tags", {})
     facts = {k: tags[k] for k in ("val_iou", "test_iou", "watershed_h", "val_data_hash") if k in tags}
-    dataset = None
-    if registry.is_uri(ref):
-        mv = registry.resolve(ref)
-        if mv.description:
-            facts["description"] = mv.description.replace("\n", " ")
+    if meta.get("description"):
+        facts["description"] = meta["description"].replace("\n", " ")
+    run_tags = {}
+    if meta.get("run_id"):
         try:
             import mlflow
 
-            run_tags = mlflow.MlflowClient().get_run(mv.run_id).data.tags if mv.run_id else {}
+            run_tags = mlflow.MlflowClient().get_run(meta["run_id"]).data.tags
         except Exception:  # the run may have been deleted; the model still exports
-            run_tags = {}
-        dataset = run_tags.get("dataset")
-        facts.update({k: run_tags[k] for k in ("dataset", "labelled_slices", "train_slices", "git_commit")
-                      if k in run_tags})
-    return facts, dataset
+            pass
+    facts.update({k: run_tags[k] for k in ("dataset", "labelled_slices", "train_slices", "git_commit")
+                  if k in run_tags})
+    return facts, run_tags.get("dataset")
 
 
-def build_package(net: SegmentationNet, ref: str, tags: dict, sample: str | Path, z: int | None, work: Path,
+def build_package(net: SegmentationNet, ref: str, meta: dict, sample: str | Path, z: int | None, work: Path,
                   author: str = "emseg", license: str = "MIT"):
     """Write the package's files into ``work`` and return its bioimageio ModelDescr (not yet saved)."""
     _offline_environment()
@@ -149,7 +147,7 @@ def build_package(net: SegmentationNet, ref: str, tags: dict, sample: str | Path
         traced = torch.jit.trace(ProbabilityModel(net).eval(), torch.from_numpy(normalise(raw, mean, std))[None])
     traced.save(str(work / "weights_torchscript.pt"))
     _cover(raw[k // 2], prob, work / "cover.png")
-    facts, dataset = _facts(ref, tags)
+    facts, dataset = _facts(meta)
     (work / "README.md").write_text(_documentation(ref, spec, facts, z, str(sample)))
 
     cite = [bmz.CiteEntry(text=SMP[0], url=bmz.HttpUrl(SMP[1]))]
@@ -240,17 +238,17 @@ def check_package(path: Path) -> None:
         raise EmsegError(f"{path}: bioimageio.core's test of the package failed: {'; '.join(failed)}")
 
 
-def export(net: SegmentationNet, ref: str, tags: dict, out: str | Path, sample: str | Path, z: int | None = None,
+def export(net: SegmentationNet, ref: str, meta: dict, out: str | Path, sample: str | Path, z: int | None = None,
            overwrite: bool = False, author: str = "emseg", license: str = "MIT") -> Path:
     """Write the package to ``out`` (a .zip, or else a folder), checked before it is put in place."""
     _offline_environment()
     out = Path(out)
     with warnings.catch_warnings():  # torch.jit's deprecation notices, once per trace and load
         warnings.simplefilter("ignore", FutureWarning)
-        return _export(net, ref, tags, out, sample, z, overwrite, author, license)
+        return _export(net, ref, meta, out, sample, z, overwrite, author, license)
 
 
-def _export(net, ref, tags, out: Path, sample, z, overwrite, author, license) -> Path:
+def _export(net, ref, meta, out: Path, sample, z, overwrite, author, license) -> Path:
     from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
 
     if out.suffix == ".zip" and out.exists() and not overwrite:
@@ -263,7 +261,7 @@ def _export(net, ref, tags, out: Path, sample, z, overwrite, author, license) ->
         work = Path(tmp) / "files"
         work.mkdir()
         try:
-            descr = build_package(net, ref, tags, sample, z, work, author, license)
+            descr = build_package(net, ref, meta, sample, z, work, author, license)
         except ValueError as exc:  # pydantic: a field bioimage.io does not accept (--author, --license)
             raise EmsegError(f"{out}: bioimage.io does not accept the description: {_first_error(exc)}") from None
         if out.suffix == ".zip":

@@ -37,7 +37,8 @@ def predict_stack_iter(net, slices, progress: bool, total: int, inference: Infer
 def load_model(ref: str) -> tuple[SegmentationNet, str, dict]:
     """A network from a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a local weights file,
     and what came with it: ``{"tags": the registry version's tags ({} for a file), "postprocess": the
-    post-processing chosen for these weights on validation ({} for plain training weights)}``. One
+    post-processing chosen for these weights on validation ({} for plain training weights)}``, and for a
+    registry version its ``description`` and ``run_id``. One
     lookup, so an alias that moves meanwhile cannot pair these weights with another version's tags."""
     from emseg import registry
 
@@ -45,11 +46,12 @@ def load_model(ref: str) -> tuple[SegmentationNet, str, dict]:
         mv = registry.resolve(ref)
         with registry.fetched_weights(mv, ref) as path:
             net, blob = load_weights(path)
-        tags = dict(mv.tags)
+        tags, record = dict(mv.tags), {"description": mv.description, "run_id": mv.run_id}
     else:
         net, blob = load_weights(Path(ref))
-        tags = {}
-    return net.eval(), str(ref), {"tags": tags, "postprocess": registry.postprocess_of(blob, tags, str(ref))}
+        tags, record = {}, {}
+    return net.eval(), str(ref), {"tags": tags, "postprocess": registry.postprocess_of(blob, tags, str(ref)),
+                                  **record}
 
 
 FORMATS = ("tiff", "ome-zarr")

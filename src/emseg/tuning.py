@@ -162,12 +162,17 @@ def surplus(trial, n_trials: int) -> bool:
     (killed: the run being resumed) holds no slot."""
     from optuna.trial import TrialState
 
-    from emseg.tracking import process_alive
-
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     ahead = [t for t in trial.study.get_trials(deepcopy=False, states=live) if t.number <= trial.number
-             and not (t.state == TrialState.RUNNING and process_alive(t.user_attrs.get("process", "")) is False)]
+             and not (t.state == TrialState.RUNNING and _process_gone(t))]
     return len(ahead) > n_trials
+
+
+def _process_gone(trial) -> bool:
+    """Whether the process that runs ``trial`` is known to be dead (on this host; elsewhere: unknown)."""
+    from emseg.tracking import process_alive
+
+    return process_alive(trial.user_attrs.get("process", "")) is False
 
 
 def _wait_for_others(study, storage, poll_s: float = 2.0) -> None:
@@ -176,13 +181,10 @@ def _wait_for_others(study, storage, poll_s: float = 2.0) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from emseg.tracking import process_alive
-
     while True:
         if storage.heartbeat_interval:
             optuna.storages.fail_stale_trials(study)
-        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if process_alive(t.user_attrs.get("process", "")) is not False]
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if not _process_gone(t)]
         if not running or not storage.heartbeat_interval:
             return
         time.sleep(poll_s)
@@ -204,21 +206,24 @@ def run_study(params, prepared_dir: str) -> StudyResult:
     dead = fail_trials_without_heartbeat(study, storage, storage.grace_period) if storage.heartbeat_interval else []
     if dead:  # said before the new trials run, so the user knows why they are being rerun
         print(f"tune: trial(s) {', '.join(map(str, dead))} of an interrupted run never sent a heartbeat: marked failed")
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    missing = first_missing = max(cfg.n_trials - sum(t.state in finished for t in study.trials), 0)
-    for _ in range(3):  # a slot other processes held and lost (their trial failed) is run here
-        if not missing:
-            break
-        from optuna.study import MaxTrialsCallback
+    from optuna.study import MaxTrialsCallback
 
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+
+    def missing() -> int:
+        return max(cfg.n_trials - sum(t.state in finished for t in study.trials), 0)
+
+    run_now = todo = missing()
+    for _ in range(3):  # a slot other processes held and lost (their trial failed) is run here
+        if not todo:
+            break
         # Stop once the study holds n_trials finished ones, also those other processes ran meanwhile.
-        study.optimize(_objective(params, prepared_dir, name), n_trials=missing,
+        study.optimize(_objective(params, prepared_dir, name), n_trials=todo,
                        timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None, catch=(),
                        show_progress_bar=True, callbacks=[MaxTrialsCallback(cfg.n_trials, states=finished)])
         _wait_for_others(study, storage)
-        missing = max(cfg.n_trials - sum(t.state in finished for t in study.trials), 0)
+        todo = missing()
         if cfg.timeout_minutes:
             break
-    missing = first_missing
     trials = [t for t in study.trials if t.state in finished]
-    return StudyResult(study, name, trials, [t for t in trials if t.state == TrialState.COMPLETE], missing, dead)
+    return StudyResult(study, name, trials, [t for t in trials if t.state == TrialState.COMPLETE], run_now, dead)

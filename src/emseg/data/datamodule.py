@@ -102,9 +102,8 @@ class EMDataModule(L.LightningDataModule):
         on_cpu = not gpu or self.cfg.semi.weight > 0  # unlabelled patches come from the CPU loader so far
         if self.cfg.device_patches == "off" or (self.cfg.device_patches == "auto" and on_cpu):
             return None
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:  # each rank would draw the same batches: the
-            return None                                      # CPU path gets Lightning's DistributedSampler
+        if self._ranks()[1] > 1:  # each rank would draw the same batches: the CPU path splits them by rank
+            return None
         return "cuda" if gpu else "cpu"
 
     def _ranks(self) -> tuple[int, int]:

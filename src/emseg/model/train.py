@@ -168,7 +168,7 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
         raise ConfigError(f"params.yaml: train.strategy: {strategy!r}; expected auto or ddp (one process per "
                           "device, started by the train stage)")
     ddp = strategy == "ddp"
-    if strategy == "ddp":
+    if ddp:
         # smp's EfficientNet keeps a head the U-Net never calls, and train.freeze_encoder_epochs leaves
         # the encoder without gradients at first: DDP must expect parameters that get none.
         strategy = "ddp_find_unused_parameters_true"
