@@ -219,7 +219,13 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
     assert root.attrs["multiscales"][0]["datasets"][0]["path"] == "0"
     assert list(root["labels"].attrs["labels"]) == ["instances"]
     assert root["labels/instances"].attrs["image-label"]["source"]["image"] == "../../"
-    assert np.array_equal(root["0"][:], prob) and np.array_equal(root["labels/instances/0"][:], inst)
+    # Blockwise on Dask: probabilities to 1/255 (one torch thread per worker sums in another order), and
+    # with the voxel size unknown, objects per slice: the same objects, numbered in another order.
+    assert np.abs(root["0"][:].astype(int) - prob).max() <= 1
+    blockwise = root["labels/instances/0"][:]
+    assert np.array_equal(blockwise > 0, inst > 0)
+    pairs = np.unique(np.stack([inst[inst > 0], blockwise[inst > 0]]), axis=1)
+    assert len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))  # one-to-one
     assert json.loads((tmp_path / "isbi-zarr" / "summary.json").read_text())["objects"] == summary["objects"]
     # A folder of 2D slices works too. The weights file evaluate wrote and its registry version carry the
     # same post-processing (chosen on validation), so they predict the same, whatever params.yaml says.

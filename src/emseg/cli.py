@@ -7,7 +7,7 @@ import errno
 import signal
 import sys
 
-from emseg.errors import EmsegError
+from emseg.errors import ConfigError, EmsegError
 from emseg.paths import PARAMS
 
 DEFAULT_PARAMS = PARAMS
@@ -41,9 +41,24 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a weights .pt file")
     pd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pd.add_argument("--tta", action="store_true", help="average over flips (slower, smoother)")
-    pd.add_argument("--format", choices=("tiff", "ome-zarr"), default="tiff", dest="fmt",
-                    help="tiff (default): probabilities.tif + instances.tif; ome-zarr: one chunked "
-                         "prediction.ome.zarr (OME-NGFF 0.4) for large stacks")
+    pd.add_argument("--format", choices=("tiff", "ome-zarr"), default=None, dest="fmt",
+                    help="tiff (default for TIFF and folder inputs): probabilities.tif + instances.tif, in one "
+                         "process; ome-zarr (default for Zarr and HDF5): blockwise on Dask into a multiscale "
+                         "prediction.ome.zarr (OME-NGFF 0.4) with objects.csv; any size, resumable")
+    big = pd.add_argument_group("large volumes (--format ome-zarr)")
+    big.add_argument("--input-key", default=None, help="the array in a Zarr group or the dataset in an HDF5 file")
+    big.add_argument("--level", type=int, default=0, help="multiscale level of an OME-Zarr input (default 0)")
+    big.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                     help="voxel size in nm (default: from OME or TIFF metadata)")
+    big.add_argument("--instances", choices=("2d", "3d"), default=None,
+                     help="objects in 3D, or per slice for anisotropic serial sections (default: 3d when z is at "
+                          "most twice y and x, 2d otherwise or when the voxel size is unknown)")
+    big.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(16, 512, 512),
+                     help="object block in voxels (default 16 512 512; y and x multiples of 512)")
+    big.add_argument("--scheduler", default=None, help="tcp://HOST:PORT of a running Dask scheduler (default: a "
+                     "local cluster sized to this machine)")
+    big.add_argument("--workers", type=int, default=None, help="workers of the local cluster (default: one per "
+                     "core, fewer if memory is short)")
     ex = sub.add_parser("export", help="write a model as a bioimage.io package (ilastik, deepImageJ, QuPath, "
                         "bioimageio.core)")
     ex.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a weights .pt file")
@@ -143,8 +158,16 @@ def _suggest(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from emseg.config import EvaluateParams, InstanceParams
-    from emseg.predict import predict_to_folder
+    from emseg.predict import predict_blockwise, predict_to_folder
 
+    fmt = args.fmt or _default_format(args.input)
+    big = {"--input-key": args.input_key, "--level": args.level, "--voxel-size": args.voxel_size,
+           "--instances": args.instances, "--scheduler": args.scheduler, "--workers": args.workers}
+    if fmt == "tiff" and any(v for v in big.values()):
+        used = next(k for k, v in big.items() if v)
+        raise ConfigError(f"{used} works with --format ome-zarr (blockwise prediction), not with --format tiff")
+    if fmt == "tiff" and _default_format(args.input) == "ome-zarr":
+        raise ConfigError(f"{args.input}: Zarr and HDF5 inputs are predicted blockwise; use --format ome-zarr")
     params = _optional_params(args)
     _claim(args)
     net, ref, meta = _load_model(args, params)
@@ -166,10 +189,23 @@ def _predict(args: argparse.Namespace) -> None:
             print(f"predict: watershed h={instances.h:g}, as chosen on the validation slices for {args.model}")
         tta = post.get("tta", tta)
     inference = ev.inference.model_copy(update={"tta": args.tta or tta})
-    s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
-                          threshold=threshold, fmt=args.fmt, inference=inference, instances=instances)
+    if fmt == "tiff":
+        s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
+                              threshold=threshold, inference=inference, instances=instances)
+    else:
+        s = predict_blockwise(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
+                              threshold=threshold, inference=inference, instances=instances,
+                              input_key=args.input_key, level=args.level, voxel_size=args.voxel_size,
+                              mode=args.instances, block=args.block, scheduler=args.scheduler, workers=args.workers)
     print(f"predict: {s['shape'][0]} slices of {s['shape'][1]}x{s['shape'][2]}, {s['objects']} objects "
-          f"-> {args.output}")
+          f"({s.get('instances_mode', '2d')}) -> {args.output}")
+
+
+def _default_format(path: str) -> str:
+    """ome-zarr for Zarr stores and HDF5 files, tiff for TIFFs and folders of slices."""
+    from emseg.data.containers import is_container
+
+    return "ome-zarr" if is_container(path) else "tiff"
 
 
 def _stage(command: str):

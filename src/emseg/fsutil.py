@@ -31,7 +31,7 @@ _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)(?:-[a-z0-9_]+)?$")
 
 
-def _output_error(path: Path, exc: OSError) -> OutputError:
+def output_error(path: Path, exc: OSError) -> OutputError:
     why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
     return OutputError(f"{path}: cannot write output ({why})")
 
@@ -105,7 +105,7 @@ def atomic_dir(final: str | Path, marker: dict | None = None) -> Iterator[Path]:
         follow_umask(tmp, directory=True)
     except OSError as exc:
         _remove_empty(created)
-        raise _output_error(final, exc) from None
+        raise output_error(final, exc) from None
     try:
         yield tmp
         if marker is not None:
@@ -118,7 +118,7 @@ def atomic_dir(final: str | Path, marker: dict | None = None) -> Iterator[Path]:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
-        raise _output_error(final, exc) from None
+        raise output_error(final, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
@@ -184,13 +184,13 @@ def staged_files(dest: str | Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest / "staged", "tmp"), dir=dest))
         follow_umask(tmp, directory=True)
     except OSError as exc:
-        raise _output_error(dest, exc) from None
+        raise output_error(dest, exc) from None
     try:
         yield tmp
         for f in sorted(tmp.iterdir()):
             os.replace(f, dest / f.name)
     except OSError as exc:
-        raise _output_error(dest, exc) from None
+        raise output_error(dest, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -205,14 +205,14 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator[Any]:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final, "tmp"), dir=final.parent)
         follow_umask(Path(tmp), directory=False)
     except OSError as exc:
-        raise _output_error(final, exc) from None
+        raise output_error(final, exc) from None
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
         os.replace(tmp, final)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise _output_error(final, exc) from None
+        raise output_error(final, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,26 +1,27 @@
 """Predict a whole stack with a trained model: probability and instance label stacks, written as they come.
 
-Outputs, in a new folder: ``probabilities.tif`` (uint8, probability x 255), ``instances.tif``
-(uint32, 0 = background, labels unique through the stack) and ``summary.json``. With
-``fmt="ome-zarr"`` the two stacks go instead to one chunked ``prediction.ome.zarr`` (OME-NGFF 0.4,
-Zarr v2 layout, readable by napari, Fiji/MoBIE and ome-zarr-py): the probabilities are the image,
-the instances its label image ``labels/instances``; every slice is written as soon as it is
-predicted, so neither stack is ever held in memory. The folder appears only when complete; an
-existing one is refused unless ``overwrite``, and even then only an earlier
-emseg output may be replaced (:func:`emseg.fsutil.claim_output`).
+Two paths. :func:`predict_to_folder` (``--format tiff``), in one process: ``probabilities.tif`` (uint8,
+probability x 255), ``instances.tif`` (uint32, objects per slice, labels unique through the stack) and
+``summary.json``, every slice written as soon as it is predicted. :func:`predict_blockwise`
+(``--format ome-zarr``), on Dask: any size of TIFF, Zarr or HDF5 volume, block by block into a
+multiscale ``prediction.ome.zarr`` with objects in 3D and ``objects.csv``, resumable
+(:mod:`emseg.blockwise`). Either output appears only when complete; an existing one is refused unless
+``overwrite``, and even then only an earlier emseg output may be replaced
+(:func:`emseg.fsutil.claim_output`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
+from emseg import ngff
 from emseg.config import InferenceParams, InstanceParams
 from emseg.data.io import context_stack, inspect_stack, stack_stats
-from emseg.errors import OutputError
-from emseg.fsutil import allocated_memmap, atomic_dir, claim_output, write_json
+from emseg.fsutil import allocated_memmap, atomic_dir, claim_output, output_error, write_json
 from emseg.inference import predict_tiled
 from emseg.instances import split_instances
 from emseg.model.network import SegmentationNet, channels_last, in_channels, load_weights
@@ -52,38 +53,6 @@ def load_model(ref: str) -> tuple[SegmentationNet, str, dict]:
         tags, record = {}, {}
     return net.eval(), str(ref), {"tags": tags, "postprocess": registry.postprocess_of(blob, tags, str(ref)),
                                   **record}
-
-
-FORMATS = ("tiff", "ome-zarr")
-
-
-def _ngff_multiscales(name: str) -> list[dict]:
-    axes = [{"name": a, "type": "space"} for a in "zyx"]
-    return [{"version": "0.4", "name": name, "axes": axes,
-             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]
-
-
-def _write_ome_zarr(path: Path, shape: tuple[int, int, int], pages) -> None:
-    """Stream (probability uint8, labels uint32) slice pairs into an OME-NGFF 0.4 image + label image."""
-    import zarr
-
-    n, h, w = shape
-    chunks = (1, min(h, 1024), min(w, 1024))  # one slice per chunk row: written as predicted
-    ngff_keys = {"name": "v2", "separator": "/"}  # NGFF 0.4 wants nested chunk keys
-    root = zarr.open_group(str(path), mode="w-", zarr_format=2)
-    root.attrs["multiscales"] = _ngff_multiscales("probabilities")
-    prob = root.create_array("0", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
-                             chunk_key_encoding=ngff_keys)
-    labels = root.create_group("labels")
-    labels.attrs["labels"] = ["instances"]
-    inst_group = labels.create_group("instances")
-    inst_group.attrs["multiscales"] = _ngff_multiscales("instances")
-    inst_group.attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
-    inst = inst_group.create_array("0", shape=shape, chunks=chunks, dtype="uint32", fill_value=0,
-                                   chunk_key_encoding=ngff_keys)
-    for z, (p, lab) in enumerate(pages):
-        prob[z] = p
-        inst[z] = lab
 
 
 def _predicted_slices(net, info, mean: float, std: float, inference, instances, threshold: float, progress: bool,
@@ -126,10 +95,8 @@ def _write_tiffs(tmp: Path, shape: tuple[int, int, int], pages) -> dict:
 
 def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str | Path, *, overwrite: bool = False,
                       inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
-                      threshold: float = 0.5, model_ref: str = "", progress: bool = True, fmt: str = "tiff") -> dict:
+                      threshold: float = 0.5, model_ref: str = "", progress: bool = True) -> dict:
     output = Path(output)
-    if fmt not in FORMATS:
-        raise OutputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     claim_output(output, overwrite, inputs=[input_path])
     info = inspect_stack(input_path)
     mean, std = stack_stats(info)  # the stack is normalised by its own statistics, as in training
@@ -137,12 +104,7 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
     state = {"next_label": 0}
     with atomic_dir(output, marker={"command": "predict"}) as tmp:
         pages = _predicted_slices(net, info, mean, std, inference, instances, threshold, progress, state)
-        if fmt == "ome-zarr":
-            _write_ome_zarr(tmp / "prediction.ome.zarr", shape, pages)
-            outputs = {"prediction.ome.zarr": "OME-NGFF 0.4: image 0 = probability x 255 (uint8), "
-                                              "labels/instances/0 = uint32 instance labels"}
-        else:
-            outputs = _write_tiffs(tmp, shape, pages)
+        outputs = _write_tiffs(tmp, shape, pages)
         summary = {"input": str(input_path), "model": model_ref, "shape": list(shape), "objects": state["next_label"],
                    "slice_files": [f.name for f in info.files] or None,
                    "threshold": threshold, "normalisation": {"mean": mean, "std": std},
@@ -150,3 +112,91 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
                    "instances": instances.model_dump(exclude={"h_choices"}), "outputs": outputs}
         write_json(tmp / "summary.json", summary)
     return summary
+
+
+def default_instances(voxel) -> str:
+    """3D objects where the voxels are near isotropic (z at most twice y and x), else per slice."""
+    return "3d" if voxel and voxel[0] <= 2 * max(voxel[1], voxel[2]) else "2d"
+
+
+def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str | Path, *, overwrite: bool = False,
+                      inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
+                      threshold: float = 0.5, model_ref: str = "", progress: bool = True, input_key=None,
+                      level: int = 0, voxel_size=None, mode: str | None = None, block=(16, 512, 512),
+                      scheduler: str | None = None, workers: int | None = None) -> dict:
+    """Predict a volume of any size block by block on Dask into ``output/prediction.ome.zarr`` with
+    ``objects.csv`` and ``summary.json`` (see :mod:`emseg.blockwise`); resumes an unfinished run."""
+    import csv
+    import shutil
+
+    from emseg import blockwise as bw
+    from emseg.cluster import dask_client
+    from emseg.data.containers import check_grey, open_volume
+    from emseg.fsutil import MARKER, follow_umask
+
+    output = Path(output)
+    claim_output(output, overwrite, inputs=[input_path])
+    volume = open_volume(input_path, input_key, level)
+    check_grey(volume)
+    if voxel_size:
+        volume = type(volume)(**{**volume.__dict__, "voxel_size": tuple(float(v) for v in voxel_size)})
+    mode = mode or default_instances(volume.voxel_size)
+    shape = volume.shape
+    side = 4 * ngff.CHUNK
+    # Absolute paths: the workers of a cluster open them from their own working folders.
+    volume = type(volume)(**{**volume.__dict__, "path": Path(volume.path).absolute()})
+    job = bw.Job(volume=volume, work=str(output.absolute().with_name(output.name + ".partial")),
+                 predict_grid=bw.Grid(shape, (8, side, side)),
+                 label_grid=bw.Grid(shape, bw.parse_block(block, "--block"), (4 if mode == "3d" else 0, 32, 32)),
+                 levels=ngff.n_levels(shape), z_context=in_channels(net.spec), inference=inference.model_dump(),
+                 threshold=float(threshold), instances=instances.model_dump(include={"min_size", "h", "smooth"}),
+                 mode=mode, model_sha256="")
+    blob, sha = bw.weights_blob(net)
+    job = type(job)(**{**job.__dict__, "model_sha256": sha})
+    with dask_client(scheduler, bw.estimate_bytes(job), workers) as client:
+        job = type(job)(**{**job.__dict__, "threads": client.threads})
+        done = bw.prepare_work(job, overwrite)
+        if done:
+            print(f"predict: resuming {output.name}.partial: {done} block steps already done")
+        try:
+            result = bw.execute(job, client, blob, progress)
+        except KeyboardInterrupt:
+            print(f"predict: stopped; the finished blocks are kept in {job.work}; run the same command again to "
+                  "continue", flush=True)
+            raise
+        except OSError as exc:  # a full disk or a lost mount, here or on a worker: the finished blocks stay
+            err = output_error(output, exc)
+            raise type(err)(f"{err}; the finished blocks are kept in {job.work}: free space and run the same "
+                            "command again to continue") from None
+    work = Path(job.work)
+    with open(work / "objects.csv", "w", newline="") as fh:
+        fields = ["id", "voxels", "volume_nm3", *[f"bbox_{a}{e}" for e in "01" for a in "zyx"],
+                  *[f"centroid_{a}" for a in "zyx"]]
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(result["objects"])
+    summary = {"input": str(input_path), "input_key": volume.key, "model": model_ref, "shape": list(shape),
+               "voxel_size_nm": list(volume.voxel_size) if volume.voxel_size else None,
+               "objects": len(result["objects"]), "instances_mode": mode, "threshold": threshold,
+               "normalisation": {"mean": result["mean"], "std": result["std"]}, "z_context": job.z_context,
+               "blocks": {"predict": len(job.predict_grid.blocks()), "objects": len(job.label_grid.blocks()),
+                          "block": list(job.label_grid.block), "halo": list(job.label_grid.halo),
+                          "matches_across_blocks": result["merged_across_blocks"]},
+               "scheduler": scheduler or "local", "instances": instances.model_dump(exclude={"h_choices"}),
+               "outputs": {"prediction.ome.zarr": f"OME-NGFF 0.4, {job.levels} levels: image = probability x 255 "
+                                                  "(uint8), labels/instances = uint32 objects",
+                           "objects.csv": "one row per object: voxels, volume, bounding box, centroid (voxels)"}}
+    write_json(work / "summary.json", summary)
+    write_json(work / MARKER, {"written_by": "emseg", "command": "predict"})
+    shutil.rmtree(work / "state")
+    (work / "job.json").unlink()
+    follow_umask(work, directory=True)
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(work, output)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, output)
+    return summary
+

@@ -1,0 +1,115 @@
+"""Blockwise prediction on Dask (issue "Volumes larger than memory").
+
+memory: the same cheap model (EfficientNet-b0 U-Net, narrow decoder, ``model.input_scale`` 0.25) on a
+1 GiB and a 4 GiB EM-like Zarr volume (1024 x 1024 slices cut from EPFL testing.tif, mirrored through
+z: real EM texture, any depth). Peak resident memory of the whole job: the sum over the emseg process
+and every process below it (the LocalCluster's workers), sampled every 0.2 s with psutil.
+
+overhead: EPFL testing.tif (82 x 768 x 1024), the same model at ``input_scale`` 0.5, the in-process path
+(``--format tiff``) against the blockwise path (``--format ome-zarr``, LocalCluster), alternating A B A B;
+voxels per second of the whole command (start-up, statistics, prediction, objects, writing).
+
+Both use objects per slice (``--instances 2d``): the 3D watershed costs ~2 us a voxel on this CPU, which
+would make a 4 GiB run take hours on 2 cores; its memory is bounded by the block in the same way.
+Run: .venv/bin/python benchmarks/bench_blockwise.py memory|overhead   (EMSEG_BENCH_PAIRS, default 2)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import BIN, EPFL, save  # noqa: E402
+
+
+def tree_peak(cmd: list[str], cwd: Path) -> dict:
+    import psutil
+
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"]}
+    t = time.time()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out = proc.stdout.read().decode(errors="replace")
+    if proc.returncode:
+        raise SystemExit(f"{cmd} failed:\n{out[-3000:]}")
+    return {"seconds": time.time() - t, "peak_rss_mib": peak / 2 ** 20, "tail": out.splitlines()[-1]}
+
+
+def model(tmp: Path, scale: float) -> Path:
+    from emseg.config import ModelParams
+    from emseg.model.network import build_network, save_weights
+
+    path = tmp / f"net{scale}.pt"
+    save_weights(build_network(ModelParams(decoder_channels=[16, 16, 16, 16, 8], input_scale=scale)), path)
+    return path
+
+
+def em_volume(path: Path, depth: int) -> None:
+    import tifffile
+    import zarr
+
+    src = tifffile.imread(EPFL / "testing.tif")[:, :, :]  # 82 x 768 x 1024
+    tile = np.concatenate([src, src[:, :256]], axis=1)  # 82 x 1024 x 1024
+    arr = zarr.create_array(str(path), shape=(depth, 1024, 1024), chunks=(16, 512, 512), dtype="uint8")
+    period = 2 * len(tile) - 2
+    for z0 in range(0, depth, 16):
+        idx = [(z % period) if z % period < len(tile) else period - z % period for z in range(z0, min(z0 + 16, depth))]
+        arr[z0:z0 + len(idx)] = tile[idx]
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    tmp = Path(tempfile.mkdtemp(dir=os.environ.get("EMSEG_BENCH_TMP")))
+    try:
+        if mode == "memory":
+            net = model(tmp, 0.25)
+            rows = {}
+            for gib in (1, 4):
+                em_volume(tmp / f"v{gib}.zarr", 1024 * gib)
+                r = tree_peak(["emseg", "predict", "--model", str(net), str(tmp / f"v{gib}.zarr"), str(tmp / f"o{gib}"),
+                               "--instances", "2d", "--voxel-size", "5", "5", "5"], tmp)
+                rows[f"{gib}GiB"] = {**r, "voxels": 1024 ** 3 * gib}
+                shutil.rmtree(tmp / f"o{gib}")
+                shutil.rmtree(tmp / f"v{gib}.zarr")
+                print(rows[f"{gib}GiB"], flush=True)
+            ratio = rows["4GiB"]["peak_rss_mib"] / rows["1GiB"]["peak_rss_mib"]
+            save("blockwise_memory", {"command": "emseg predict ZARR OUT --instances 2d (LocalCluster defaults)",
+                                      "rows": rows, "peak_ratio_4_to_1": round(ratio, 3)})
+        else:
+            net = model(tmp, 0.5)
+            pairs = int(os.environ.get("EMSEG_BENCH_PAIRS", "2"))
+            n = 82 * 768 * 1024
+            rows: dict[str, list] = {"in_process": [], "blockwise": []}
+            for i in range(pairs):
+                for name, extra in (("in_process", ["--format", "tiff"]),
+                                    ("blockwise", ["--format", "ome-zarr", "--instances", "2d"])):
+                    r = tree_peak(["emseg", "predict", "--model", str(net), str(EPFL / "testing.tif"),
+                                   str(tmp / f"{name}{i}"), *extra], tmp)
+                    rows[name].append(n / r["seconds"])
+                    print(name, r, flush=True)
+            ratios = [b / a for a, b in zip(rows["in_process"], rows["blockwise"])]
+            save("blockwise_overhead", {"command": "emseg predict testing.tif OUT --format tiff | ome-zarr",
+                                        "voxels_per_s": rows, "ratios_blockwise_to_in_process": ratios,
+                                        "mean_ratio": statistics.mean(ratios)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

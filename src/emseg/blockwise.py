@@ -1,0 +1,482 @@
+"""Blockwise prediction of volumes larger than memory, on Dask, into an OME-Zarr; objects in 3D.
+
+The work is five passes over blocks, each a Dask task that reads and writes its own region only:
+
+1. ``stats``: per block count, mean and squared deviations, combined (Chan et al., in a fixed order)
+   into the whole volume's mean and sd, which normalise it as training did;
+2. ``predict``: prediction blocks (whole slices up to 2048 px, a few slices deep) read their slices
+   with their z neighbours (``model.z_context``, ends mirrored), are predicted tile by tile exactly as
+   the in-process path does, and write the probability pyramid and a foreground mask;
+3. ``label``: object blocks (default 16 x 512 x 512) read the mask with a halo, split objects (a 3D
+   watershed, or per slice with ``2d``), write their core's labels as block-unique ids, and keep the
+   labels they found on the plane just inside each lower neighbour;
+4. ``stitch``: on those planes each block's objects are matched with the neighbour's (the larger
+   share of either object's voxels there); the client joins matches with union-find;
+5. ``relabel``: the final consecutive ids go into the label pyramid; each block returns its objects'
+   voxels, bounding boxes and coordinate sums, which the client adds up into ``objects.csv``.
+
+Resumable: the job works in ``OUTPUT.partial/``; every finished (pass, block) writes its result to
+``state/done/`` atomically, after its data. A run killed at any point, run again with the same
+arguments, skips what is done; a killed worker's task reruns elsewhere and rewrites the same chunks.
+The folder becomes ``OUTPUT`` only when every block of every pass is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from itertools import product
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from emseg import ngff
+from emseg.data.containers import Volume
+from emseg.errors import ConfigError, OutputError
+from emseg.fsutil import output_error
+
+PASSES = ("stats", "predict", "label", "stitch", "relabel")
+BYTES_PER_VOXEL_3D = 150  # peak of a 3D watershed (see InstanceParams.truth), per voxel of a block and halo
+BYTES_PER_VOXEL_2D = 40
+IOU = 0.5  # objects on the two sides of a block face are one when their overlap there has IoU above this
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Blocks of ``block`` voxels tiling ``shape``; ``halo`` voxels more on each side when read."""
+
+    shape: tuple[int, int, int]
+    block: tuple[int, int, int]
+    halo: tuple[int, int, int] = (0, 0, 0)
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        return list(product(*(range(-(-s // b)) for s, b in zip(self.shape, self.block))))
+
+    def core(self, b) -> tuple[slice, ...]:
+        return tuple(slice(i * n, min((i + 1) * n, s)) for i, n, s in zip(b, self.block, self.shape))
+
+    def outer(self, b) -> tuple[slice, ...]:
+        return tuple(slice(max(c.start - h, 0), min(c.stop + h, s))
+                     for c, h, s in zip(self.core(b), self.halo, self.shape))
+
+    def index(self, b) -> int:
+        return int(np.ravel_multi_index(b, [-(-s // n) for s, n in zip(self.shape, self.block)]))
+
+
+@dataclass(frozen=True)
+class Job:
+    volume: Volume
+    work: str  # OUTPUT.partial
+    predict_grid: Grid
+    label_grid: Grid
+    levels: int
+    z_context: int
+    inference: dict
+    threshold: float
+    instances: dict  # min_size, h, smooth
+    mode: str  # "3d" or "2d"
+    model_sha256: str
+    threads: int = 1
+
+    @property
+    def image(self) -> Path:
+        return Path(self.work) / "prediction.ome.zarr"
+
+    @property
+    def state(self) -> Path:
+        return Path(self.work) / "state"
+
+    def identity(self) -> dict:
+        """What makes two runs the same job (a resumed run must match it)."""
+        d = asdict(self)
+        d.pop("threads")
+        d["volume"] = {**d["volume"], "path": str(Path(self.volume.path).resolve())}
+        return json.loads(json.dumps(d, default=str))
+
+
+def estimate_bytes(job: Job) -> int:
+    """Peak memory of the largest task: an object block with its halo, or a prediction block."""
+    zl, yl, xl = (b + 2 * h for b, h in zip(job.label_grid.block, job.label_grid.halo))
+    label = zl * yl * xl * BYTES_PER_VOXEL_3D if job.mode == "3d" else zl * yl * xl * 4 + yl * xl * BYTES_PER_VOXEL_2D
+    zp, yp, xp = job.predict_grid.block
+    tile = job.inference["tile"]
+    predict = (zp + job.z_context) * yp * xp * 12 + tile * tile * 1500 + 400 * 2 ** 20  # data, activations, weights
+    return max(label, predict)
+
+
+# ---------------------------------------------------------------- tasks (run on the workers)
+
+_NETS: dict = {}
+
+
+def _net(blob: bytes, sha: str, threads: int):
+    import torch
+
+    from emseg.model.network import load_weights
+
+    if sha not in _NETS:
+        if threads:
+            torch.set_num_threads(threads)
+        _NETS.clear()
+        with _tmp_weights(blob) as path:
+            _NETS[sha] = load_weights(path)[0].eval()
+    return _NETS[sha]
+
+
+class _tmp_weights:
+    def __init__(self, blob: bytes):
+        import tempfile
+
+        fd, self.path = tempfile.mkstemp(suffix=".pt")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        os.unlink(self.path)
+
+
+def _done_path(job: Job, pass_name: str, b) -> Path:
+    return job.state / "done" / f"{pass_name}-{'_'.join(map(str, b))}.json"
+
+
+def _mark_done(job: Job, pass_name: str, b, result) -> dict:
+    path = _done_path(job, pass_name, b)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)  # atomic: a marker is either absent or whole
+    return result
+
+
+def task(job: Job, pass_name: str, b: tuple, extra=None, blob: Optional[bytes] = None):
+    """One (pass, block): do it, record it as done, return its result."""
+    return _mark_done(job, pass_name, b, TASKS[pass_name](job, tuple(b), extra, blob))
+
+
+def _stats(job: Job, b, extra, blob):
+    from emseg.data.io import check_values
+
+    zs, ys, xs = job.predict_grid.core(b)
+    data = job.volume.read(range(zs.start, zs.stop), ys, xs)
+    check_values(data, f"{job.volume.name} slices {zs.start}..{zs.stop - 1}")
+    data = data.astype(np.float64)
+    m = float(data.mean())
+    return {"n": int(data.size), "mean": m, "m2": float(np.square(data - m).sum())}
+
+
+def combine_stats(parts: Sequence[dict], where: str) -> tuple[float, float]:
+    from emseg.errors import DataError
+
+    total, mean, m2 = 0, 0.0, 0.0
+    for p in parts:
+        n, delta = p["n"], p["mean"] - mean
+        mean += delta * n / (total + n)
+        m2 += p["m2"] + delta * delta * total * n / (total + n)
+        total += n
+    std = float(np.sqrt(max(m2 / total, 0.0)))
+    if not std > 1e-6 * max(1.0, abs(mean)) or not np.isfinite(std):
+        raise DataError(f"{where}: image volume is constant (every voxel {mean:g}); nothing to segment")
+    return float(mean), std
+
+
+def _predict(job: Job, b, extra, blob):
+    import zarr
+
+    from emseg.data.io import context_indices, normalise
+    from emseg.inference import predict_tiled
+    from emseg.model.network import channels_last
+
+    mean, std = extra
+    net = _net(blob, job.model_sha256, job.threads)
+    zs, ys, xs = job.predict_grid.core(b)
+    n = job.volume.shape[0]
+    want = {z: context_indices(z, n, job.z_context) for z in range(zs.start, zs.stop)}
+    needed = sorted({j for js in want.values() for j in js})
+    raw = dict(zip(needed, job.volume.read(needed, ys, xs)))
+    probs = []
+    with channels_last(net, job.inference["channels_last"]):
+        for z, js in want.items():
+            image = normalise(raw[z], mean, std) if job.z_context == 1 else np.stack(
+                [normalise(raw[j], mean, std) for j in js])
+            probs.append(predict_tiled(net, image, **job.inference))
+    prob = np.stack(probs)
+    ngff.write_pyramid(job.image, np.round(prob * 255).astype(np.uint8), (zs.start, ys.start, xs.start),
+                       job.levels, labels=False)
+    zarr.open_array(str(job.state / "mask.zarr"), mode="r+")[zs, ys, xs] = (prob > job.threshold).astype(np.uint8)
+    return {}
+
+
+def _label(job: Job, b, extra, blob):
+    import zarr
+
+    from emseg.instances import split_instances
+
+    g = job.label_grid
+    core, outer = g.core(b), g.outer(b)
+    mask = zarr.open_array(str(job.state / "mask.zarr"), mode="r")[outer].astype(np.float32)
+    p = job.instances
+    if job.mode == "3d":
+        local = split_instances(mask, 0.5, p["min_size"], p["h"], p["smooth"]).astype(np.uint64)
+    else:
+        local, top = np.zeros(mask.shape, np.uint64), 0
+        for z in range(mask.shape[0]):
+            lab = split_instances(mask[z], 0.5, p["min_size"], p["h"], p["smooth"]).astype(np.uint64)
+            local[z] = np.where(lab > 0, lab + top, 0)
+            top += int(lab.max())
+    base = np.uint64(g.index(b) + 1) << np.uint64(32)
+    ids = np.where(local > 0, local + base, np.uint64(0))
+    inner = tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(core, outer))
+    zarr.open_array(str(job.state / "raw.zarr"), mode="r+")[core] = ids[inner]
+    for axis in _stitch_axes(job):
+        if core[axis].start == 0:
+            continue
+        plane = list(inner)
+        plane[axis] = slice(0, inner[axis].start)  # the halo inside the lower neighbour's core
+        np.save(job.state / "faces" / f"{g.index(b)}-{axis}.npy", ids[tuple(plane)])
+    present = np.unique(ids[inner])
+    return {"ids": [int(i - base) for i in present if i]}
+
+
+def _stitch_axes(job: Job) -> tuple[int, ...]:
+    return (0, 1, 2) if job.mode == "3d" else (1, 2)  # serial sections: objects do not cross slices
+
+
+def _stitch(job: Job, b, extra, blob):
+    import zarr
+
+    g = job.label_grid
+    core = g.core(b)
+    raw = zarr.open_array(str(job.state / "raw.zarr"), mode="r")
+    pairs = []
+    for axis in _stitch_axes(job):
+        if core[axis].start == 0:
+            continue
+        mine = np.load(job.state / "faces" / f"{g.index(b)}-{axis}.npy")
+        region = list(core)
+        region[axis] = slice(core[axis].start - mine.shape[axis], core[axis].start)
+        pairs += match_planes(mine, raw[tuple(region)])
+    return {"pairs": pairs}
+
+
+def match_planes(a: np.ndarray, b: np.ndarray) -> list[list[int]]:
+    """Objects of two labellings of one plane that are the same: each object's largest overlap, kept when
+    it holds more than half of that object's voxels on the plane."""
+    both = (a > 0) & (b > 0)
+    if not both.any():
+        return []
+    pa, pb = a[both], b[both]
+    pairs, counts = np.unique(np.stack([pa, pb]), axis=1, return_counts=True)
+    size_a = dict(zip(*[v.tolist() for v in np.unique(a[a > 0], return_counts=True)]))
+    size_b = dict(zip(*[v.tolist() for v in np.unique(b[b > 0], return_counts=True)]))
+    return [[ia, ib] for (ia, ib), c in zip(pairs.T.tolist(), counts.tolist())
+            if c > IOU * (size_a[ia] + size_b[ib] - c)]
+
+
+def _relabel(job: Job, b, extra, blob):
+    import zarr
+
+    g = job.label_grid
+    core = g.core(b)
+    lut = np.asarray(extra, np.uint32)  # local id -> final id
+    raw = zarr.open_array(str(job.state / "raw.zarr"), mode="r")[core]
+    base = np.uint64(g.index(b) + 1) << np.uint64(32)
+    local = np.where(raw > 0, raw - base, np.uint64(0)).astype(np.int64)
+    final = lut[local]
+    ngff.write_pyramid(job.image / "labels" / "instances", final, tuple(c.start for c in core), job.levels, labels=True)
+    fg = np.nonzero(final)
+    ids, inv, counts = np.unique(final[fg], return_inverse=True, return_counts=True)
+    out = {"ids": ids.tolist(), "voxels": counts.tolist()}
+    for axis, name in enumerate("zyx"):
+        coord = fg[axis] + core[axis].start
+        out[f"sum_{name}"] = np.bincount(inv, weights=coord, minlength=len(ids)).tolist()
+        lo = np.full(len(ids), np.iinfo(np.int64).max)
+        hi = np.full(len(ids), -1)
+        np.minimum.at(lo, inv, coord)
+        np.maximum.at(hi, inv, coord)
+        out[f"min_{name}"], out[f"max_{name}"] = lo.tolist(), hi.tolist()
+    return out
+
+
+TASKS = {"stats": _stats, "predict": _predict, "label": _label, "stitch": _stitch, "relabel": _relabel}
+
+
+# ---------------------------------------------------------------- the client side
+
+
+class UnionFind:
+    def __init__(self):
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while x != root:
+            self.parent[x], x = root, self.parent.get(x, x)
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def final_ids(job: Job, label_results: dict, pairs: Sequence[Sequence[int]]) -> dict:
+    """Per object block, a table from its local ids to consecutive final ids (0 = background)."""
+    uf = UnionFind()
+    for a, b in pairs:
+        uf.union(int(a), int(b))
+    g = job.label_grid
+    roots = {}
+    tables = {}
+    for blk in g.blocks():  # blocks in order: final ids follow the volume, z first
+        base = (g.index(blk) + 1) << 32
+        ids = label_results[blk]["ids"]
+        table = np.zeros(max(ids, default=0) + 1, np.int64)
+        for i in ids:
+            r = uf.find(base + i)
+            table[i] = roots.setdefault(r, len(roots) + 1)
+        tables[blk] = table
+    if len(roots) >= 2 ** 32:
+        raise OutputError(f"{job.work}: {len(roots)} objects do not fit uint32 labels")
+    return tables
+
+
+def object_table(job: Job, parts: Sequence[dict], voxel: Optional[Sequence[float]]) -> list[dict]:
+    rows: dict[int, dict] = {}
+    for p in parts:
+        for j, i in enumerate(p["ids"]):
+            r = rows.setdefault(i, {"id": i, "voxels": 0, **{f"s{a}": 0.0 for a in "zyx"},
+                                    **{f"lo{a}": 1 << 62 for a in "zyx"}, **{f"hi{a}": -1 for a in "zyx"}})
+            r["voxels"] += p["voxels"][j]
+            for a in "zyx":
+                r[f"s{a}"] += p[f"sum_{a}"][j]
+                r[f"lo{a}"] = min(r[f"lo{a}"], p[f"min_{a}"][j])
+                r[f"hi{a}"] = max(r[f"hi{a}"], p[f"max_{a}"][j])
+    cubic = float(np.prod(voxel)) if voxel else None
+    out = []
+    for i in sorted(rows):
+        r = rows[i]
+        out.append({"id": i, "voxels": r["voxels"],
+                    "volume_nm3": round(r["voxels"] * cubic, 3) if cubic else "",
+                    **{f"bbox_{a}0": r[f"lo{a}"] for a in "zyx"}, **{f"bbox_{a}1": r[f"hi{a}"] + 1 for a in "zyx"},
+                    **{f"centroid_{a}": round(r[f"s{a}"] / r["voxels"], 3) for a in "zyx"}})
+    return out
+
+
+def parse_block(values: Sequence[int], option: str) -> tuple[int, int, int]:
+    z, y, x = (int(v) for v in values)
+    if z < 1 or y < 1 or x < 1 or y % ngff.CHUNK or x % ngff.CHUNK:
+        raise ConfigError(f"{option} {z} {y} {x}: expected z >= 1 and y, x multiples of {ngff.CHUNK} "
+                          "(the output's chunk side)")
+    return z, y, x
+
+
+def weights_blob(net) -> tuple[bytes, str]:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"spec": net.spec, "state_dict": net.state_dict()}, buf)
+    blob = buf.getvalue()
+    return blob, hashlib.sha256(blob).hexdigest()
+
+
+def prepare_work(job: Job, overwrite: bool) -> int:
+    """Create ``OUTPUT.partial`` for a new job, or check that it holds this very job; return blocks done."""
+    import zarr
+
+    work = Path(job.work)
+    ident = job.identity()
+    if work.exists():
+        known = work / "job.json"
+        if not known.is_file():
+            raise OutputError(f"{work}: exists and is not an unfinished emseg prediction; remove it or choose "
+                              "another output")
+        if json.loads(known.read_text()) != ident:
+            if not overwrite:
+                raise OutputError(f"{work}: holds an unfinished prediction with other inputs, model or settings; "
+                                  "pass --overwrite to discard it, or rerun it with its own arguments")
+            shutil.rmtree(work)
+    if not work.exists():
+        tmp = work.with_name(f".{work.name}.new-{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "state" / "done").mkdir(parents=True)
+            (tmp / "state" / "faces").mkdir()
+            shape = job.volume.shape
+            ngff.create(tmp / "prediction.ome.zarr", shape, job.volume.voxel_size, job.levels)
+            chunks = (1, min(ngff.CHUNK, shape[1]), min(ngff.CHUNK, shape[2]))
+            for name, dtype in (("mask.zarr", "uint8"), ("raw.zarr", "uint64")):
+                zarr.create_array(str(tmp / "state" / name), shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+            (tmp / "job.json").write_text(json.dumps(ident, indent=2, sort_keys=True))
+            os.replace(tmp, work)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise output_error(Path(job.work).with_suffix(""), exc) from None
+    return len(list((work / "state" / "done").glob("*.json")))
+
+
+def done_results(job: Job, pass_name: str, blocks) -> dict:
+    out = {}
+    for b in blocks:
+        p = _done_path(job, pass_name, b)
+        if p.is_file():
+            out[tuple(b)] = json.loads(p.read_text())
+    return out
+
+
+def run_pass(job: Job, pass_name: str, blocks, client, extra=None, blob=None, progress: bool = True) -> dict:
+    """Run one pass over ``blocks`` (skipping those done), on the Dask ``client`` or, without one, here;
+    return every block's result."""
+    from tqdm.auto import tqdm
+
+    results = done_results(job, pass_name, blocks)
+    todo = [b for b in blocks if b not in results]
+    extras = extra if isinstance(extra, dict) else {b: extra for b in todo}
+    bar = tqdm(total=len(blocks), initial=len(results), desc=f"{pass_name} blocks", unit="block",
+               disable=not progress)
+    with bar:
+        if client is None:
+            for b in todo:
+                results[b] = task(job, pass_name, b, extras[b], blob)
+                bar.update()
+            return results
+        from distributed import as_completed
+
+        futures = {client.submit(task, job, pass_name, b, extras[b], blob, pure=False,
+                                 key=f"emseg-{pass_name}-{'_'.join(map(str, b))}-{os.getpid()}"): b for b in todo}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            bar.update()
+    return results
+
+
+def execute(job: Job, client, blob: bytes, progress: bool = True) -> dict:
+    """Every pass, in order; return the stitched objects (rows of objects.csv) and the normalisation."""
+    pg = job.predict_grid
+    stats = run_pass(job, "stats", pg.blocks(), client, progress=progress)
+    mean, std = combine_stats([stats[b] for b in pg.blocks()], job.volume.name)
+    blob_ref = client.scatter(blob, broadcast=True) if client is not None else blob
+    run_pass(job, "predict", pg.blocks(), client, (mean, std), blob_ref, progress)
+    return {"mean": mean, "std": std, **label_objects(job, client, progress)}
+
+
+def label_objects(job: Job, client, progress: bool = True) -> dict:
+    """Passes 3 to 5 over ``state/mask.zarr``: the stitched objects (rows of objects.csv)."""
+    lg = job.label_grid
+    labels = run_pass(job, "label", lg.blocks(), client, progress=progress)
+    stitched = run_pass(job, "stitch", lg.blocks(), client, progress=progress)
+    pairs = [p for b in lg.blocks() for p in stitched[b]["pairs"]]
+    tables = final_ids(job, labels, pairs)
+    parts = run_pass(job, "relabel", lg.blocks(), client, {b: tables[b].tolist() for b in lg.blocks()},
+                     progress=progress)
+    return {"objects": object_table(job, [parts[b] for b in lg.blocks()], job.volume.voxel_size),
+            "merged_across_blocks": len(pairs)}
