@@ -1,6 +1,7 @@
 """Blockwise prediction on Dask (issue "Volumes larger than memory").
 
-memory: the same cheap model (EfficientNet-b0 U-Net, narrow decoder, ``model.input_scale`` 0.25) on a
+memory: the same cheap model (EfficientNet-b0 U-Net, narrow decoder, ``model.input_scale`` 0.25, trained
+4 minutes on 12 EPFL training slices, see ``model``) on a
 1 GiB and a 4 GiB EM-like Zarr volume (1024 x 1024 slices cut from EPFL testing.tif, mirrored through
 z: real EM texture, any depth). Peak resident memory of the whole job: the sum over the emseg process
 and every process below it (the LocalCluster's workers), sampled every 0.2 s with psutil.
@@ -11,7 +12,8 @@ voxels per second of the whole command (start-up, statistics, prediction, object
 
 Both use objects per slice (``--instances 2d``): the 3D watershed costs ~2 us a voxel on this CPU, which
 would make a 4 GiB run take hours on 2 cores; its memory is bounded by the block in the same way.
-Run: .venv/bin/python benchmarks/bench_blockwise.py memory|overhead   (EMSEG_BENCH_PAIRS, default 2)
+Run: .venv/bin/python benchmarks/bench_blockwise.py memory|overhead   (EMSEG_BENCH_PAIRS, default 2;
+EMSEG_BENCH_MODEL: reuse a network this script trained, EMSEG_BENCH_TMP: where the volumes go)
 """
 
 from __future__ import annotations
@@ -51,12 +53,31 @@ def tree_peak(cmd: list[str], cwd: Path) -> dict:
     return {"seconds": time.time() - t, "peak_rss_mib": peak / 2 ** 20, "tail": out.splitlines()[-1]}
 
 
-def model(tmp: Path, scale: float) -> Path:
-    from emseg.config import ModelParams
-    from emseg.model.network import build_network, save_weights
+def model(tmp: Path, scale: float, minutes: float) -> Path:
+    """The cheap network, trained from scratch for ``minutes`` on 12 slices of EPFL training.tif (so its
+    masks, and the objects the instance step splits, look like a real run's, not an untrained net's)."""
+    import tifffile
 
+    if os.environ.get("EMSEG_BENCH_MODEL"):  # a network this function trained before
+        return Path(os.environ["EMSEG_BENCH_MODEL"])
+    from emseg.config import parse_params
+    from emseg.data.datamodule import ArraySplits
+    from emseg.model.network import save_weights
+    from emseg.model.train import fit
+
+    image = tifffile.imread(EPFL / "training.tif").astype(np.float32)
+    labels = (tifffile.imread(EPFL / "training_groundtruth.tif") == 255).astype(np.uint8)
+    x = (image - image.mean()) / image.std()
+    train, val = list(range(0, 165, 14)), [80, 150]
+    params = parse_params({"seed": 0, "model": {"decoder_channels": [16, 16, 16, 16, 8], "input_scale": scale},
+                           "train": {"init": {"mode": "scratch"}, "max_minutes": minutes, "max_epochs": 200,
+                                     "patch_size": 256, "batch_size": 8, "patches_per_epoch": 64, "lr": 0.003,
+                                     "early_stopping_patience": 200, "use_tuned": False}})
+    res = fit(params, ArraySplits(x[train], labels[train], x[val], labels[val]), tmp / "fit", lr=0.003,
+              batch_size=8, max_minutes=minutes, progress=False, checkpoints=False)
+    print(f"model: input_scale {scale}, best validation IoU {res.best_score:.3f} after {minutes} min", flush=True)
     path = tmp / f"net{scale}.pt"
-    save_weights(build_network(ModelParams(decoder_channels=[16, 16, 16, 16, 8], input_scale=scale)), path)
+    save_weights(res.net, path)
     return path
 
 
@@ -78,7 +99,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(dir=os.environ.get("EMSEG_BENCH_TMP")))
     try:
         if mode == "memory":
-            net = model(tmp, 0.25)
+            net = model(tmp, 0.25, float(os.environ.get("EMSEG_BENCH_TRAIN_MIN", "4")))
             rows = {}
             for gib in (1, 4):
                 em_volume(tmp / f"v{gib}.zarr", 1024 * gib)
@@ -92,7 +113,7 @@ def main() -> None:
             save("blockwise_memory", {"command": "emseg predict ZARR OUT --instances 2d (LocalCluster defaults)",
                                       "rows": rows, "peak_ratio_4_to_1": round(ratio, 3)})
         else:
-            net = model(tmp, 0.5)
+            net = model(tmp, 0.5, float(os.environ.get("EMSEG_BENCH_TRAIN_MIN", "4")))
             pairs = int(os.environ.get("EMSEG_BENCH_PAIRS", "2"))
             n = 82 * 768 * 1024
             rows: dict[str, list] = {"in_process": [], "blockwise": []}

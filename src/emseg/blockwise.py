@@ -289,17 +289,23 @@ def _relabel(job: Job, b, extra, blob):
     local = np.where(raw > 0, raw - base, np.uint64(0)).astype(np.int64)
     final = lut[local]
     ngff.write_pyramid(job.image / "labels" / "instances", final, tuple(c.start for c in core), job.levels, labels=True)
-    fg = np.nonzero(final)
-    ids, inv, counts = np.unique(final[fg], return_inverse=True, return_counts=True)
+    from scipy import ndimage
+
+    ids, inv, counts = np.unique(final, return_inverse=True, return_counts=True)
+    if ids[0] == 0:  # background is not an object
+        ids, counts, inv = ids[1:], counts[1:], inv - 1
+    inv = inv.reshape(final.shape)
+    compact = (inv + 1).astype(np.int32)  # 1..n, 0 = background
     out = {"ids": ids.tolist(), "voxels": counts.tolist()}
+    boxes = ndimage.find_objects(compact, max_label=len(ids))
     for axis, name in enumerate("zyx"):
-        coord = fg[axis] + core[axis].start
-        out[f"sum_{name}"] = np.bincount(inv, weights=coord, minlength=len(ids)).tolist()
-        lo = np.full(len(ids), np.iinfo(np.int64).max)
-        hi = np.full(len(ids), -1)
-        np.minimum.at(lo, inv, coord)
-        np.maximum.at(hi, inv, coord)
-        out[f"min_{name}"], out[f"max_{name}"] = lo.tolist(), hi.tolist()
+        coord = np.arange(compact.shape[axis]) + core[axis].start
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        out[f"sum_{name}"] = ndimage.sum_labels(np.broadcast_to(coord.reshape(shape), compact.shape).astype(np.float64),
+                                                compact, np.arange(1, len(ids) + 1)).tolist()
+        out[f"min_{name}"] = [bx[axis].start + core[axis].start for bx in boxes]
+        out[f"max_{name}"] = [bx[axis].stop - 1 + core[axis].start for bx in boxes]
     return out
 
 
