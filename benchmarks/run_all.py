@@ -11,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 BENCHES = ["bench_prepare_memory.py", "bench_train_throughput.py", "bench_semi_step.py", "bench_layout.py",
-           "bench_pruning.py", "bench_predict.py",
+           "bench_pruning.py", "bench_predict.py", "bench_blockwise.py memory", "bench_blockwise.py overhead",
            "bench_epfl_train.py", "bench_active_learning.py", "bench_learning_curve.py"]
 
 if __name__ == "__main__":
@@ -20,4 +20,5 @@ if __name__ == "__main__":
         if only and not any(o in name for o in only):
             continue
         print(f"== {name}", flush=True)
-        subprocess.run([sys.executable, str(HERE / name)], check=True)
+        script, *args = name.split()
+        subprocess.run([sys.executable, str(HERE / script), *args], check=True)
