@@ -61,8 +61,3 @@ def dask_client(scheduler: Optional[str], task_bytes: int, workers: Optional[int
     finally:
         cluster.close()
 
-
-def worker_memory(client) -> int:
-    """The smallest memory limit among the cluster's workers (0 when none is set)."""
-    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
-    return min(limits, default=0)

@@ -13,6 +13,7 @@ multiscale ``prediction.ome.zarr`` with objects in 3D and ``objects.csv``, resum
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,12 +140,12 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
     volume = open_volume(input_path, input_key, level)
     check_grey(volume)
     if voxel_size:
-        volume = type(volume)(**{**volume.__dict__, "voxel_size": tuple(float(v) for v in voxel_size)})
+        volume = replace(volume, voxel_size=tuple(float(v) for v in voxel_size))
     mode = mode or default_instances(volume.voxel_size)
     shape = volume.shape
     side = 4 * ngff.CHUNK
     # Absolute paths: the workers of a cluster open them from their own working folders.
-    volume = type(volume)(**{**volume.__dict__, "path": Path(volume.path).absolute()})
+    volume = replace(volume, path=Path(volume.path).absolute())
     job = bw.Job(volume=volume, work=str(output.absolute().with_name(output.name + ".partial")),
                  predict_grid=bw.Grid(shape, (8, side, side)),
                  label_grid=bw.Grid(shape, bw.parse_block(block, "--block"), (4 if mode == "3d" else 0, 32, 32)),
@@ -152,9 +153,9 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
                  threshold=float(threshold), instances=instances.model_dump(include={"min_size", "h", "smooth"}),
                  mode=mode, model_sha256="")
     blob, sha = bw.weights_blob(net)
-    job = type(job)(**{**job.__dict__, "model_sha256": sha})
+    job = replace(job, model_sha256=sha)
     with dask_client(scheduler, bw.estimate_bytes(job), workers) as client:
-        job = type(job)(**{**job.__dict__, "threads": client.threads})
+        job = replace(job, threads=client.threads)
         done = bw.prepare_work(job, overwrite)
         if done:
             print(f"predict: resuming {output.name}.partial: {done} block steps already done")
