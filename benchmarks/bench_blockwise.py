@@ -14,11 +14,13 @@ Both use objects per slice (``--instances 2d``): the 3D watershed costs ~2 us a 
 would make a 4 GiB run take hours on 2 cores; its memory is bounded by the block in the same way.
 Run: .venv/bin/python benchmarks/bench_blockwise.py memory|overhead   (EMSEG_BENCH_PAIRS, default 2;
 EMSEG_BENCH_GIB: volume sizes in GiB, default "1 4";
-EMSEG_BENCH_MODEL: reuse a network this script trained, EMSEG_BENCH_TMP: where the volumes go)
+EMSEG_BENCH_MODEL: reuse a network this script trained and kept with EMSEG_BENCH_SAVE_MODEL,
+EMSEG_BENCH_TMP: where the volumes go)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -79,6 +81,8 @@ def model(tmp: Path, scale: float, minutes: float) -> Path:
     print(f"model: input_scale {scale}, best validation IoU {res.best_score:.3f} after {minutes} min", flush=True)
     path = tmp / f"net{scale}.pt"
     save_weights(res.net, path)
+    if os.environ.get("EMSEG_BENCH_SAVE_MODEL"):  # keep it for EMSEG_BENCH_MODEL in a later run
+        shutil.copy(path, os.environ["EMSEG_BENCH_SAVE_MODEL"])
     return path
 
 
@@ -118,17 +122,21 @@ def main() -> None:
             pairs = int(os.environ.get("EMSEG_BENCH_PAIRS", "2"))
             n = 82 * 768 * 1024
             rows: dict[str, list] = {"in_process": [], "blockwise": []}
+            passes = []
             for i in range(pairs):
                 for name, extra in (("in_process", ["--format", "tiff"]),
                                     ("blockwise", ["--format", "ome-zarr", "--instances", "2d"])):
                     r = tree_peak(["emseg", "predict", "--model", str(net), str(EPFL / "testing.tif"),
                                    str(tmp / f"{name}{i}"), *extra], tmp)
                     rows[name].append(n / r["seconds"])
+                    if name == "blockwise":  # where the time went, pass by pass
+                        r["passes"] = json.loads((tmp / f"{name}{i}" / "summary.json").read_text())["seconds_per_pass"]
+                        passes.append(r["passes"])
                     print(name, r, flush=True)
             ratios = [b / a for a, b in zip(rows["in_process"], rows["blockwise"])]
             save("blockwise_overhead", {"command": "emseg predict testing.tif OUT --format tiff | ome-zarr",
                                         "voxels_per_s": rows, "ratios_blockwise_to_in_process": ratios,
-                                        "mean_ratio": statistics.mean(ratios)})
+                                        "mean_ratio": statistics.mean(ratios), "blockwise_seconds_per_pass": passes})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -4,11 +4,11 @@ The work is five passes over blocks, each a Dask task that reads and writes its 
 
 1. ``stats``: per block count, mean and squared deviations, combined (Chan et al., in a fixed order)
    into the whole volume's mean and sd, which normalise it as training did;
-2. ``predict``: prediction blocks (whole slices up to 2048 px, a few slices deep) read their slices
+2. ``predict``: prediction blocks (whole slices up to 2048 px, two slices deep) read their slices
    with their z neighbours (``model.z_context``, ends mirrored), are predicted tile by tile exactly as
    the in-process path does, and write the probability pyramid and a foreground mask;
-3. ``label``: object blocks (default 16 x 512 x 512) read the mask with a halo, split objects (a 3D
-   watershed, or per slice with ``2d``), write their core's labels as block-unique ids, and keep the
+3. ``label``: object blocks (default 16 x 512 x 512 in 3D, 4 whole slices in 2D) read the mask with a
+   halo, split objects (a 3D watershed, or per slice with ``2d``), write their core's labels as block-unique ids, and keep the
    labels they found on the plane just inside each lower neighbour;
 4. ``stitch``: on those planes each block's objects are matched with the neighbour's (the larger
    share of either object's voxels there); the client joins matches with union-find;
@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
@@ -101,7 +102,8 @@ class Job:
 def estimate_bytes(job: Job) -> int:
     """Peak memory of the largest task: an object block with its halo, or a prediction block."""
     zl, yl, xl = (b + 2 * h for b, h in zip(job.label_grid.block, job.label_grid.halo))
-    label = zl * yl * xl * BYTES_PER_VOXEL_3D if job.mode == "3d" else zl * yl * xl * 4 + yl * xl * BYTES_PER_VOXEL_2D
+    # 2D: the float mask, local and global uint64 ids and a temporary of them, plus one slice's watershed
+    label = zl * yl * xl * BYTES_PER_VOXEL_3D if job.mode == "3d" else zl * yl * xl * 28 + yl * xl * BYTES_PER_VOXEL_2D
     zp, yp, xp = job.predict_grid.block
     tile = job.inference["tile"]
     predict = (zp + job.z_context) * yp * xp * 12 + tile * tile * 1500 + 400 * 2 ** 20  # data, activations, weights
@@ -467,22 +469,29 @@ def run_pass(job: Job, pass_name: str, blocks, client, extra=None, blob=None, pr
 
 def execute(job: Job, client, blob: bytes, progress: bool = True) -> dict:
     """Every pass, in order; return the stitched objects (rows of objects.csv) and the normalisation."""
-    pg = job.predict_grid
+    pg, t0 = job.predict_grid, time.perf_counter()
     stats = run_pass(job, "stats", pg.blocks(), client, progress=progress)
     mean, std = combine_stats([stats[b] for b in pg.blocks()], job.volume.name)
+    t1 = time.perf_counter()
     blob_ref = client.scatter(blob, broadcast=True) if client is not None else blob
     run_pass(job, "predict", pg.blocks(), client, (mean, std), blob_ref, progress)
-    return {"mean": mean, "std": std, **label_objects(job, client, progress)}
+    seconds = {"stats": t1 - t0, "predict": time.perf_counter() - t1}
+    result = label_objects(job, client, progress)
+    return {"mean": mean, "std": std, **result, "seconds": {**seconds, **result["seconds"]}}
 
 
 def label_objects(job: Job, client, progress: bool = True) -> dict:
     """Passes 3 to 5 over ``state/mask.zarr``: the stitched objects (rows of objects.csv)."""
-    lg = job.label_grid
+    lg, t = job.label_grid, [time.perf_counter()]
     labels = run_pass(job, "label", lg.blocks(), client, progress=progress)
+    t.append(time.perf_counter())
     stitched = run_pass(job, "stitch", lg.blocks(), client, progress=progress)
     pairs = [p for b in lg.blocks() for p in stitched[b]["pairs"]]
     tables = final_ids(job, labels, pairs)
+    t.append(time.perf_counter())
     parts = run_pass(job, "relabel", lg.blocks(), client, {b: tables[b].tolist() for b in lg.blocks()},
                      progress=progress)
-    return {"objects": object_table(job, [parts[b] for b in lg.blocks()], job.volume.voxel_size),
-            "merged_across_blocks": len(pairs)}
+    objects = object_table(job, [parts[b] for b in lg.blocks()], job.volume.voxel_size)
+    t.append(time.perf_counter())
+    return {"objects": objects, "merged_across_blocks": len(pairs),
+            "seconds": {name: b - a for name, a, b in zip(("label", "stitch", "relabel"), t, t[1:])}}

@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     big.add_argument("--instances", choices=("2d", "3d"), default=None,
                      help="objects in 3D, or per slice for anisotropic serial sections (default: 3d when z is at "
                           "most twice y and x, 2d otherwise or when the voxel size is unknown)")
-    big.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(16, 512, 512),
-                     help="object block in voxels (default 16 512 512; y and x multiples of 512)")
+    big.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                     help="object block in voxels (y and x multiples of 512; default 16 512 512 for 3D objects, "
+                          "4 2048 2048 for 2D ones)")
     big.add_argument("--scheduler", default=None, help="tcp://HOST:PORT of a running Dask scheduler (default: a "
                      "local cluster sized to this machine)")
     big.add_argument("--workers", type=int, default=None, help="workers of the local cluster (default: one per "
@@ -158,18 +159,32 @@ def _suggest(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from emseg.config import EvaluateParams, InstanceParams
-    from emseg.predict import predict_blockwise, predict_to_folder
 
-    fmt = args.fmt or _default_format(args.input)
+    natural = _default_format(args.input)
+    fmt = args.fmt or natural
     big = {"--input-key": args.input_key, "--level": args.level, "--voxel-size": args.voxel_size,
            "--instances": args.instances, "--scheduler": args.scheduler, "--workers": args.workers}
     if fmt == "tiff" and any(v for v in big.values()):
         used = next(k for k, v in big.items() if v)
         raise ConfigError(f"{used} works with --format ome-zarr (blockwise prediction), not with --format tiff")
-    if fmt == "tiff" and _default_format(args.input) == "ome-zarr":
+    if fmt == "tiff" and natural == "ome-zarr":
         raise ConfigError(f"{args.input}: Zarr and HDF5 inputs are predicted blockwise; use --format ome-zarr")
     params = _optional_params(args)
     _claim(args)
+    # A missing file, a wrong key, a 2D array or a bad --block fails before the network loads.
+    if fmt == "ome-zarr":
+        from emseg.blockwise import parse_block
+        from emseg.data.containers import check_grey, open_volume
+
+        check_grey(open_volume(args.input, args.input_key, args.level))
+        if args.block:
+            parse_block(args.block, "--block")
+    else:
+        from emseg.data.io import inspect_stack
+
+        inspect_stack(args.input)
+    from emseg.predict import predict_blockwise, predict_to_folder  # torch: after the quick checks
+
     net, ref, meta = _load_model(args, params)
     ev = params.evaluate if params else EvaluateParams()
     threshold = params.train.threshold if params else 0.5

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 from emseg.errors import ConfigError
 
 CONNECT_TIMEOUT_S = 10
+WORKER_WAIT_S = 30
 
 
 def machine() -> tuple[int, int]:
@@ -31,6 +32,23 @@ def local_layout(task_bytes: int, workers: Optional[int] = None) -> tuple[int, i
     return n, max(1, cores // n), int(memory * 0.9 // n)
 
 
+def check_workers(client, scheduler: str, task_bytes: int) -> None:
+    """An existing cluster has workers, and each can hold one block (those without a memory limit can)."""
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:
+        raise ConfigError(f"--scheduler {scheduler}: the scheduler has no workers (waited {WORKER_WAIT_S} s); "
+                          "start some with: dask worker " + scheduler) from None
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    limits = {addr: w.get("memory_limit") or 0 for addr, w in workers.items()}
+    small = {addr: m for addr, m in limits.items() if 0 < m < task_bytes}
+    if small:
+        addr, m = min(small.items(), key=lambda kv: kv[1])
+        raise ConfigError(f"--block: one block needs about {task_bytes / 2 ** 30:.1f} GiB, worker {addr} has "
+                          f"{m / 2 ** 30:.1f} GiB ({len(small)} of {len(limits)} workers too small); choose a "
+                          "smaller --block, or give the workers more memory")
+
+
 @contextmanager
 def dask_client(scheduler: Optional[str], task_bytes: int, workers: Optional[int] = None) -> Iterator:
     """A connected ``distributed.Client``; the local cluster, if one was started, is closed on the way out."""
@@ -43,6 +61,7 @@ def dask_client(scheduler: Optional[str], task_bytes: int, workers: Optional[int
             raise ConfigError(f"--scheduler {scheduler}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s "
                               f"({type(exc).__name__})") from None
         try:
+            check_workers(client, scheduler, task_bytes)
             client.threads = 0  # the workers' own torch defaults
             yield client
         finally:

@@ -115,6 +115,10 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
     return summary
 
 
+DEFAULT_BLOCK_3D, DEFAULT_BLOCK_2D = (16, 512, 512), (4, 2048, 2048)
+PREDICT_DEPTH = 2  # slices per prediction block: many small blocks keep every worker busy to the end
+
+
 def default_instances(voxel) -> str:
     """3D objects where the voxels are near isotropic (z at most twice y and x), else per slice."""
     return "3d" if voxel and voxel[0] <= 2 * max(voxel[1], voxel[2]) else "2d"
@@ -123,7 +127,7 @@ def default_instances(voxel) -> str:
 def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str | Path, *, overwrite: bool = False,
                       inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
                       threshold: float = 0.5, model_ref: str = "", progress: bool = True, input_key=None,
-                      level: int = 0, voxel_size=None, mode: str | None = None, block=(16, 512, 512),
+                      level: int = 0, voxel_size=None, mode: str | None = None, block=None,
                       scheduler: str | None = None, workers: int | None = None) -> dict:
     """Predict a volume of any size block by block on Dask into ``output/prediction.ome.zarr`` with
     ``objects.csv`` and ``summary.json`` (see :mod:`emseg.blockwise`); resumes an unfinished run."""
@@ -142,12 +146,14 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
     if voxel_size:
         volume = replace(volume, voxel_size=tuple(float(v) for v in voxel_size))
     mode = mode or default_instances(volume.voxel_size)
+    # 2D objects need no halo through z, and blocks of whole slices (up to 2048 px) need no stitching.
+    block = block or (DEFAULT_BLOCK_3D if mode == "3d" else DEFAULT_BLOCK_2D)
     shape = volume.shape
     side = 4 * ngff.CHUNK
     # Absolute paths: the workers of a cluster open them from their own working folders.
     volume = replace(volume, path=Path(volume.path).absolute())
     job = bw.Job(volume=volume, work=str(output.absolute().with_name(output.name + ".partial")),
-                 predict_grid=bw.Grid(shape, (8, side, side)),
+                 predict_grid=bw.Grid(shape, (PREDICT_DEPTH, side, side)),
                  label_grid=bw.Grid(shape, bw.parse_block(block, "--block"), (4 if mode == "3d" else 0, 32, 32)),
                  levels=ngff.n_levels(shape), z_context=in_channels(net.spec), inference=inference.model_dump(),
                  threshold=float(threshold), instances=instances.model_dump(include={"min_size", "h", "smooth"}),
@@ -183,7 +189,9 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
                "blocks": {"predict": len(job.predict_grid.blocks()), "objects": len(job.label_grid.blocks()),
                           "block": list(job.label_grid.block), "halo": list(job.label_grid.halo),
                           "matches_across_blocks": result["merged_across_blocks"]},
-               "scheduler": scheduler or "local", "instances": instances.model_dump(exclude={"h_choices"}),
+               "scheduler": scheduler or "local",
+               "seconds_per_pass": {k: round(v, 2) for k, v in result["seconds"].items()},
+               "instances": instances.model_dump(exclude={"h_choices"}),
                "outputs": {"prediction.ome.zarr": f"OME-NGFF 0.4, {job.levels} levels: image = probability x 255 "
                                                   "(uint8), labels/instances = uint32 objects",
                            "objects.csv": "one row per object: voxels, volume, bounding box, centroid (voxels)"}}
