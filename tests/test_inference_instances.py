@@ -155,6 +155,29 @@ def test_min_size_drops_specks():
     assert split_instances(prob, min_size=5).max() == 1
 
 
+def test_region_by_region_h_maxima_equal_the_whole_image_call_on_real_masks():
+    """The seeds are skimage's h-maxima exactly, on EPFL masks in 2D and 3D and on noisy masks that touch
+    the borders, for every h that evaluate offers."""
+    import tifffile
+    from scipy import ndimage
+    from skimage.morphology import h_maxima
+
+    from conftest import EPFL, require_shared
+    from emseg.instances import _h_maxima
+
+    require_shared()
+    truth = tifffile.imread(EPFL / "testing_groundtruth.tif", key=range(40, 48))[:, 200:520, 300:700] == 255
+    rng = np.random.default_rng(0)
+    noisy = ndimage.gaussian_filter(rng.normal(size=(2, 300, 400)), 3) > 0.05
+    cases = [truth, *truth[:3], *noisy]
+    for mask in cases:
+        f = ndimage.gaussian_filter(ndimage.distance_transform_edt(connected_instances(mask, 30) > 0), 1.0)
+        for h in (1, 2, 4, 8):  # h above every region's height: no seed either way (skimage's own rule)
+            expected = h_maxima(f, h)
+            assert np.array_equal(_h_maxima(f, h), expected), (mask.shape, h)
+            assert expected.any() or h > f.max(), (mask.shape, h)
+
+
 class _MaskNet(torch.nn.Module):
     """A 'network' whose logits are +-5 on a 0/1 input mask: probabilities are the mask, nearly."""
 

@@ -108,6 +108,7 @@ def test_run_page_shows_the_per_epoch_curves_and_the_artifacts(ui, page):
     page.set_viewport_size({"width": 1600, "height": 1000})
     # Lineage: the run's overview lists the data it was trained, validated and tested on (MLflow datasets).
     page.goto(run_url)
+    page.reload()  # a full load of the run's page: a hash-only change can leave the last view up on a busy machine
     page.get_by_text("generated-train").first.wait_for()
     page.get_by_text("+2", exact=True).first.click()  # the overview shows one dataset, the rest on request
     for name in ("generated-val", "generated-test"):
@@ -136,6 +137,8 @@ def test_registered_model_page_shows_the_champion(ui, page):
     page.wait_for_timeout(1000)
     page.screenshot(path=str(SHOTS / "registered_model.png"))
     page.goto(f"{base}/#/models/emseg-unet/versions/{champion.version}")
+    page.reload()  # as above: this version's own page, not the list still showing "champion"
+    page.get_by_text("Trained on generated").first.wait_for()  # its description
     page.get_by_text("champion").first.wait_for()
     body = page.inner_text("body")
     assert train.info.run_name in body or train.info.run_id in body  # the version links its run

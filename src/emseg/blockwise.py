@@ -8,8 +8,8 @@ The work is five passes over blocks, each a Dask task that reads and writes its 
    with their z neighbours (``model.z_context``, ends mirrored), are predicted tile by tile exactly as
    the in-process path does, and write the probability pyramid and a foreground mask;
 3. ``label``: object blocks (default 16 x 512 x 512 in 3D, 4 whole slices in 2D) read the mask with a
-   halo, split objects (a 3D watershed, or per slice with ``2d``), write their core's labels as block-unique ids, and keep the
-   labels they found on the plane just inside each lower neighbour;
+   halo, split objects (a 3D watershed, or per slice with ``2d``), write their core's labels as
+   block-unique ids, and keep the labels they found on the plane just inside each lower neighbour;
 4. ``stitch``: on those planes each block's objects are matched with the neighbour's (the larger
    share of either object's voxels there); the client joins matches with union-find;
 5. ``relabel``: the final consecutive ids go into the label pyramid; each block returns its objects'
