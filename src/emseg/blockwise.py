@@ -157,8 +157,10 @@ def _mark_done(job: Job, pass_name: str, b, result) -> dict:
 
 
 def task(job: Job, pass_name: str, b: tuple, extra=None, blob: Optional[bytes] = None):
-    """One (pass, block): do it, record it as done, return its result."""
-    return _mark_done(job, pass_name, b, TASKS[pass_name](job, tuple(b), extra, blob))
+    """One (pass, block): do it, record it as done (with the seconds it took), return its result."""
+    t = time.perf_counter()
+    result = TASKS[pass_name](job, tuple(b), extra, blob)
+    return _mark_done(job, pass_name, b, {**result, "task_seconds": time.perf_counter() - t})
 
 
 def _stats(job: Job, b, extra, blob):
@@ -477,10 +479,16 @@ def execute(job: Job, client, blob: bytes, progress: bool = True) -> dict:
     mean, std = combine_stats([stats[b] for b in pg.blocks()], job.volume.name)
     t1 = time.perf_counter()
     blob_ref = client.scatter(blob, broadcast=True) if client is not None else blob
-    run_pass(job, "predict", pg.blocks(), client, (mean, std), blob_ref, progress)
+    predicted = run_pass(job, "predict", pg.blocks(), client, (mean, std), blob_ref, progress)
     seconds = {"stats": t1 - t0, "predict": time.perf_counter() - t1}
     result = label_objects(job, client, progress)
-    return {"mean": mean, "std": std, **result, "seconds": {**seconds, **result["seconds"]}}
+    busy = {"stats": _busy(stats), "predict": _busy(predicted), **result["busy"]}
+    return {"mean": mean, "std": std, **result, "seconds": {**seconds, **result["seconds"]}, "busy": busy}
+
+
+def _busy(results: dict) -> float:
+    """Seconds the tasks of a pass took, added up over the workers (this run's and resumed ones)."""
+    return sum(r.get("task_seconds", 0.0) for r in results.values())
 
 
 def label_objects(job: Job, client, progress: bool = True) -> dict:
@@ -497,4 +505,5 @@ def label_objects(job: Job, client, progress: bool = True) -> dict:
     objects = object_table(job, [parts[b] for b in lg.blocks()], job.volume.voxel_size)
     t.append(time.perf_counter())
     return {"objects": objects, "merged_across_blocks": len(pairs),
-            "seconds": {name: b - a for name, a, b in zip(("label", "stitch", "relabel"), t, t[1:])}}
+            "seconds": {name: b - a for name, a, b in zip(("label", "stitch", "relabel"), t, t[1:])},
+            "busy": {"label": _busy(labels), "stitch": _busy(stitched), "relabel": _busy(parts)}}

@@ -71,8 +71,14 @@ def dask_client(scheduler: Optional[str], task_bytes: int, workers: Optional[int
     if task_bytes > memory:
         raise ConfigError(f"--block: one block needs about {task_bytes / 2 ** 30:.1f} GiB, a worker has "
                           f"{memory / 2 ** 30:.1f} GiB; choose a smaller --block (or fewer --workers)")
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory,
-                           dashboard_address=None, silence_logs=logging.ERROR)
+    import dask
+
+    # distributed sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's adaptive mmap
+    # threshold: every large torch buffer is then mapped and unmapped again, and prediction ran 3x slower
+    # (most of it in the kernel). The workers keep glibc's defaults.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory,
+                               dashboard_address=None, silence_logs=logging.ERROR)
     try:
         with Client(cluster) as client:
             client.threads = threads

@@ -191,6 +191,7 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
                           "matches_across_blocks": result["merged_across_blocks"]},
                "scheduler": scheduler or "local",
                "seconds_per_pass": {k: round(v, 2) for k, v in result["seconds"].items()},
+               "task_seconds_per_pass": {k: round(v, 2) for k, v in result["busy"].items()},
                "instances": instances.model_dump(exclude={"h_choices"}),
                "outputs": {"prediction.ome.zarr": f"OME-NGFF 0.4, {job.levels} levels: image = probability x 255 "
                                                   "(uint8), labels/instances = uint32 objects",
