@@ -163,6 +163,12 @@ def test_blockwise_equals_the_in_process_path_and_writes_valid_ome_zarr(vol):
     level1 = open_volume(d / "bw" / "prediction.ome.zarr", level=1)
     assert level1.shape == (20, 256, 512) and level1.voxel_size == (5.0, 10.0, 10.0)
     assert np.array_equal(level1.read([3], slice(0, 9), slice(0, 9))[0], root["1"][3, :9, :9])
+    # Default blocks: 2D objects are split inside the prediction blocks (no label pass): the same objects.
+    emseg(d, "predict", *BLOCKWISE[:-4], "fused", check=True)
+    fused = read_output(d / "fused")
+    assert fused["summary"]["task_seconds_per_pass"]["label"] == 0 and fused["summary"]["blocks"]["objects"] == 10
+    assert np.array_equal(fused["root"]["0"][:], root["0"][:])
+    assert same_objects(vol["inst"], fused["root"]["labels/instances/0"][:])
 
 
 def test_objects_crossing_blocks_get_one_id_and_match_the_true_3d_objects(tmp_path):

@@ -9,7 +9,9 @@ The work is five passes over blocks, each a Dask task that reads and writes its 
    the in-process path does, and write the probability pyramid and a foreground mask;
 3. ``label``: object blocks (default 16 x 512 x 512 in 3D, 4 whole slices in 2D) read the mask with a
    halo, split objects (a 3D watershed, or per slice with ``2d``), write their core's labels as
-   block-unique ids, and keep the labels they found on the plane just inside each lower neighbour;
+   block-unique ids, and keep the labels they found on the plane just inside each lower neighbour.
+   2D objects of slices up to 2048 px are split by the prediction blocks themselves (``Job.fused``);
+   this pass is then skipped;
 4. ``stitch``: on those planes each block's objects are matched with the neighbour's (the larger
    share of either object's voxels there); the client joins matches with union-find;
 5. ``relabel``: the final consecutive ids go into the label pyramid; each block returns its objects'
@@ -82,6 +84,7 @@ class Job:
     mode: str  # "3d" or "2d"
     model_sha256: str
     threads: int = 1
+    fused: bool = False  # 2D objects in the prediction blocks themselves (same grid): no label pass
 
     @property
     def image(self) -> Path:
@@ -212,18 +215,29 @@ def _predict(job: Job, b, extra, blob):
     prob = np.stack(probs)
     ngff.write_pyramid(job.image, np.round(prob * 255).astype(np.uint8), (zs.start, ys.start, xs.start),
                        job.levels, labels=False)
-    zarr.open_array(str(job.state / "mask.zarr"), mode="r+")[zs, ys, xs] = (prob > job.threshold).astype(np.uint8)
+    mask = (prob > job.threshold).astype(np.uint8)
+    if job.fused:  # the block holds whole slices: their 2D objects are split here, from memory
+        return _label_mask(job, b, mask.astype(np.float32))
+    zarr.open_array(str(job.state / "mask.zarr"), mode="r+")[zs, ys, xs] = mask
     return {}
 
 
 def _label(job: Job, b, extra, blob):
     import zarr
 
+    mask = zarr.open_array(str(job.state / "mask.zarr"), mode="r")[job.label_grid.outer(b)]
+    return _label_mask(job, b, mask.astype(np.float32))
+
+
+def _label_mask(job: Job, b, mask: np.ndarray) -> dict:
+    """Objects of the mask read over block ``b`` and its halo: the core's block-unique ids into
+    ``raw.zarr``, the planes its lower neighbours will match against, and the ids found."""
+    import zarr
+
     from emseg.instances import split_instances
 
     g = job.label_grid
     core, outer = g.core(b), g.outer(b)
-    mask = zarr.open_array(str(job.state / "mask.zarr"), mode="r")[outer].astype(np.float32)
     p = job.instances
     if job.mode == "3d":
         local = split_instances(mask, 0.5, p["min_size"], p["h"], p["smooth"]).astype(np.uint64)
@@ -494,7 +508,10 @@ def _busy(results: dict) -> float:
 def label_objects(job: Job, client, progress: bool = True) -> dict:
     """Passes 3 to 5 over ``state/mask.zarr``: the stitched objects (rows of objects.csv)."""
     lg, t = job.label_grid, [time.perf_counter()]
-    labels = run_pass(job, "label", lg.blocks(), client, progress=progress)
+    if job.fused:  # the prediction blocks split their own objects
+        labels = {b: {**r, "task_seconds": 0.0} for b, r in done_results(job, "predict", lg.blocks()).items()}
+    else:
+        labels = run_pass(job, "label", lg.blocks(), client, progress=progress)
     t.append(time.perf_counter())
     stitched = run_pass(job, "stitch", lg.blocks(), client, progress=progress)
     pairs = [p for b in lg.blocks() for p in stitched[b]["pairs"]]

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                           "most twice y and x, 2d otherwise or when the voxel size is unknown)")
     big.add_argument("--block", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                      help="object block in voxels (y and x multiples of 512; default 16 512 512 for 3D objects, "
-                          "4 2048 2048 for 2D ones)")
+                          "4 2048 2048 for 2D ones, which slices up to 2048 px skip)")
     big.add_argument("--scheduler", default=None, help="tcp://HOST:PORT of a running Dask scheduler (default: a "
                      "local cluster sized to this machine)")
     big.add_argument("--workers", type=int, default=None, help="workers of the local cluster (default: one per "

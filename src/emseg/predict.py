@@ -146,10 +146,12 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
     if voxel_size:
         volume = replace(volume, voxel_size=tuple(float(v) for v in voxel_size))
     mode = mode or default_instances(volume.voxel_size)
-    # 2D objects need no halo through z, and blocks of whole slices (up to 2048 px) need no stitching.
-    block = block or (DEFAULT_BLOCK_3D if mode == "3d" else DEFAULT_BLOCK_2D)
-    shape = volume.shape
     side = 4 * ngff.CHUNK
+    # 2D objects of slices up to 2048 px are split where they are predicted, in the same blocks of whole
+    # slices (no mask written and read back, nothing to stitch); else in blocks of their own.
+    fused = block is None and mode == "2d" and max(volume.shape[1:]) <= side
+    block = (PREDICT_DEPTH, side, side) if fused else block or (DEFAULT_BLOCK_3D if mode == "3d" else DEFAULT_BLOCK_2D)
+    shape = volume.shape
     # Absolute paths: the workers of a cluster open them from their own working folders.
     volume = replace(volume, path=Path(volume.path).absolute())
     job = bw.Job(volume=volume, work=str(output.absolute().with_name(output.name + ".partial")),
@@ -157,7 +159,7 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
                  label_grid=bw.Grid(shape, bw.parse_block(block, "--block"), (4 if mode == "3d" else 0, 32, 32)),
                  levels=ngff.n_levels(shape), z_context=in_channels(net.spec), inference=inference.model_dump(),
                  threshold=float(threshold), instances=instances.model_dump(include={"min_size", "h", "smooth"}),
-                 mode=mode, model_sha256="")
+                 mode=mode, model_sha256="", fused=fused)
     blob, sha = bw.weights_blob(net)
     job = replace(job, model_sha256=sha)
     with dask_client(scheduler, bw.estimate_bytes(job), workers) as client:
