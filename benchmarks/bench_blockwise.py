@@ -41,7 +41,8 @@ def tree_peak(cmd: list[str], cwd: Path) -> dict:
 
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"]}
     t = time.time()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = open(cwd / f"log-{time.time_ns()}.txt", "w+")  # not a pipe: a full pipe would stop the command
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -50,7 +51,9 @@ def tree_peak(cmd: list[str], cwd: Path) -> dict:
         except psutil.Error:
             pass
         time.sleep(0.2)
-    out = proc.stdout.read().decode(errors="replace")
+    log.seek(0)
+    out = log.read()
+    log.close()
     if proc.returncode:
         raise SystemExit(f"{cmd} failed:\n{out[-3000:]}")
     return {"seconds": time.time() - t, "peak_rss_mib": peak / 2 ** 20, "tail": out.splitlines()[-1]}
