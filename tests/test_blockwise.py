@@ -241,12 +241,13 @@ def test_a_dask_scheduler_with_two_workers_gives_the_local_result_even_when_a_wo
 
         with Client(f"tcp://127.0.0.1:{port}", timeout=60) as c:
             c.wait_for_workers(2, timeout=120)
-            memory = min(w["memory_limit"] for w in c.scheduler_info()["workers"].values())
+            memory = min(w["memory_limit"] // w["nthreads"] for w in c.scheduler_info()["workers"].values())
         # A block no worker can hold is refused before any work, naming the worker's memory.
         line = one_line(emseg(d, "predict", "--model", "net.pt", "crop.h5", "big", "--input-key", "raw/em",
                               "--block", "4096", "8192", "8192", "--scheduler", f"tcp://127.0.0.1:{port}"),
                         "--block: one block needs")
-        assert f"has {memory / 2 ** 30:.1f} GiB (2 of 2 workers too small)" in line and not (d / "big.partial").exists()
+        assert f"has {memory / 2 ** 30:.1f} GiB per thread (2 of 2 workers too small)" in line
+        assert not (d / "big.partial").exists()
         # The same blocks as the local run (blocks that cut a slice stitch objects at the cut, which a whole
         # slice's watershed need not do), so the result must be the local one exactly.
         run = subprocess.Popen(["emseg", "predict", *BLOCKWISE, "dist", "--scheduler", f"tcp://127.0.0.1:{port}"],

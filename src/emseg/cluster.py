@@ -40,13 +40,14 @@ def check_workers(client, scheduler: str, task_bytes: int) -> None:
         raise ConfigError(f"--scheduler {scheduler}: the scheduler has no workers (waited {WORKER_WAIT_S} s); "
                           "start some with: dask worker " + scheduler) from None
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    limits = {addr: w.get("memory_limit") or 0 for addr, w in workers.items()}
+    # A worker's memory is shared by the tasks its threads run at once.
+    limits = {addr: (w.get("memory_limit") or 0) // max(1, w.get("nthreads") or 1) for addr, w in workers.items()}
     small = {addr: m for addr, m in limits.items() if 0 < m < task_bytes}
     if small:
         addr, m = min(small.items(), key=lambda kv: kv[1])
         raise ConfigError(f"--block: one block needs about {task_bytes / 2 ** 30:.1f} GiB, worker {addr} has "
-                          f"{m / 2 ** 30:.1f} GiB ({len(small)} of {len(limits)} workers too small); choose a "
-                          "smaller --block, or give the workers more memory")
+                          f"{m / 2 ** 30:.1f} GiB per thread ({len(small)} of {len(limits)} workers too small); "
+                          "choose a smaller --block, or give the workers more memory or fewer threads")
 
 
 @contextmanager
