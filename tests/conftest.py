@@ -45,6 +45,20 @@ def run_cli(args, cwd, check=False, env=None, timeout=1200) -> subprocess.Comple
     return proc
 
 
+def start_logged(args, log: Path, **kw) -> subprocess.Popen:
+    """Start a long-lived process (a server, a `dvc repro` to kill) with its output in ``log``.
+
+    Never a pipe nobody reads: once a pipe's 64 KiB fill up (request logs, progress bars), the process
+    blocks on its next write and a server stops answering, on a slow machine late in a test."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def log_tail(log: Path, n: int = 3000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else ""
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on now (for servers the tests start)."""
     import socket

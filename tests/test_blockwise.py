@@ -210,7 +210,7 @@ def _count_done(work: Path) -> int:
 def test_a_killed_prediction_resumes_where_it_stopped(vol):
     d = vol["dir"]
     cmd = ["emseg", "predict", *BLOCKWISE, "resumed"]
-    proc = subprocess.Popen(cmd, cwd=d, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=d, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     work = d / "resumed.partial"
     deadline = time.time() + 600

@@ -9,13 +9,14 @@ import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 
-from conftest import (ROOT, SHARED, TINY, free_port, make_project, mlflow_client, run_cli, wait_until_answers,
-                      write_params)
+from conftest import (ROOT, SHARED, TINY, free_port, log_tail, make_project, mlflow_client, run_cli, start_logged,
+                      wait_until_answers, write_params)
 from test_architecture import _covered, _declared
 
 
@@ -310,13 +311,12 @@ def test_predict_with_the_champion_on_real_stacks(repro_project, tmp_path, share
 def _served(model_uri: str, cwd, env):
     """`mlflow models serve` of ``model_uri`` on a free port of 127.0.0.1 (this environment), stopped after."""
     port = free_port()
-    server = subprocess.Popen(["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
-                               "--env-manager", "local", "-w", "1"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = Path(cwd).parent / f"serve-{port}.log"  # beside the project, not in it
+    server = start_logged(["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
+                           "--env-manager", "local", "-w", "1"], log, cwd=cwd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_answers(f"{url}/ping", server, 120, "mlflow models serve",
-                           lambda: server.stdout.read() if server.poll() is not None else "")
+        wait_until_answers(f"{url}/ping", server, 120, "mlflow models serve", lambda: log_tail(log))
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -397,8 +397,6 @@ def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs_as_emseg_p
 
 @pytest.mark.slow
 def test_init_from_the_registry_loads_the_champion_weights(repro_project):
-    from pathlib import Path
-
     import torch
 
     from emseg.config import ModelParams, TrackingParams, parse_params

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import SMALL_GENERATED, make_project, mlflow_client, run_cli, write_params
+from conftest import SMALL_GENERATED, log_tail, make_project, mlflow_client, run_cli, start_logged, write_params
 
 KILLABLE = {
     **SMALL_GENERATED,
@@ -36,8 +36,8 @@ def killed_and_resumed(tmp_path_factory):
     `dvc repro` again."""
     proj = make_project(tmp_path_factory.mktemp("kill") / "proj")
     write_params(proj, KILLABLE)
-    proc = subprocess.Popen(["dvc", "repro"], cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)
+    log = proj.parent / "killed-repro.log"  # outside the DVC project: not an untracked file of it
+    proc = start_logged(["dvc", "repro"], log, cwd=proj, start_new_session=True)
     deadline = time.time() + 900
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -45,7 +45,7 @@ def killed_and_resumed(tmp_path_factory):
                 break
             time.sleep(0.1)
         else:
-            pytest.fail(f"training never wrote a checkpoint:\n{proc.stdout.read()[-3000:] if proc.stdout else ''}")
+            pytest.fail(f"training never wrote a checkpoint:\n{log_tail(log)}")
         os.killpg(proc.pid, signal.SIGKILL)  # dvc and the `emseg train` it started: no cleanup runs
     finally:
         proc.wait()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, free_port, wait_until_answers
+from conftest import ROOT, free_port, log_tail, start_logged, wait_until_answers
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ROOT / "test-artifacts" / "ui"
@@ -28,15 +27,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
 def ui(repro_project):
     proj, _ = repro_project
     port = free_port()
-    server = subprocess.Popen(
-        ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = proj.parent / "mlflow-ui.log"  # beside the project, not an untracked file in it
+    server = start_logged(["mlflow", "ui", "--backend-store-uri", f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}",
+                           "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], log, cwd=proj)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_answers(f"{base}/health", server, 120, "mlflow ui",
-                           lambda: server.stdout.read() if server.poll() is not None else "")
-        yield proj, base
+        wait_until_answers(f"{base}/health", server, 120, "mlflow ui", lambda: log_tail(log))
+        yield proj, base, log
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -58,6 +55,19 @@ def page(ui):
         browser.close()
 
 
+def _see(page, text: str, log, exact: bool = False) -> None:
+    """Wait until ``text`` is visible; if it never is, fail with what the page and the server showed."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.get_by_text(text, exact=exact).first.wait_for()
+    except PlaywrightTimeout:
+        shot = SHOTS / f"missing-{''.join(c if c.isalnum() else '-' for c in text)}.png"
+        page.screenshot(path=str(shot))
+        pytest.fail(f"{text!r} never appeared on {page.url} (screenshot {shot}).\nPage:\n"
+                    f"{page.inner_text('body')[-1500:]}\nmlflow ui:\n{log_tail(log, 2000)}")
+
+
 def _store(proj):
     """The client, the experiment and the run behind the registered champion (what a user opens)."""
     uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
@@ -71,12 +81,12 @@ def _store(proj):
 
 @pytest.mark.slow
 def test_experiment_page_lists_the_runs_with_their_key_metrics(ui, page):
-    proj, base = ui
+    proj, base, log = ui
     _, exp, train = _store(proj)
     # The address `make ui` prints: the runs view of MLflow's "Model training" side, not GenAI traces.
     page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
-    page.get_by_text(train.info.run_name).first.wait_for()
-    page.get_by_text("tune-").first.wait_for()
+    _see(page, train.info.run_name, log)
+    _see(page, "tune-", log)
     # A user adds the metric columns: Columns, search for the metric, tick it.
     page.get_by_role("button", name="Columns", exact=True).click()
     for metric in ("test_iou", "best_val_iou"):
@@ -85,7 +95,7 @@ def test_experiment_page_lists_the_runs_with_their_key_metrics(ui, page):
         page.get_by_role("dialog").get_by_text(metric, exact=True).click()
         page.wait_for_timeout(800)
     page.keyboard.press("Escape")
-    page.get_by_text(str(train.data.metrics["test_iou"])[:6]).first.wait_for()
+    _see(page, str(train.data.metrics["test_iou"])[:6], log)
     page.screenshot(path=str(SHOTS / "experiment_runs.png"))
     table = page.inner_text("body")
     for metric in ("test_iou", "best_val_iou"):
@@ -94,14 +104,14 @@ def test_experiment_page_lists_the_runs_with_their_key_metrics(ui, page):
 
 @pytest.mark.slow
 def test_run_page_shows_the_per_epoch_curves_and_the_artifacts(ui, page):
-    proj, base = ui
+    proj, base, log = ui
     _, exp, train = _store(proj)
     run_url = f"{base}/#/experiments/{exp.experiment_id}/runs/{train.info.run_id}"
     page.set_viewport_size({"width": 1600, "height": 5000})  # every chart in view (they render lazily)
     page.goto(f"{run_url}/model-metrics")
     for curve in ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "val_iou"):
-        page.get_by_text(curve, exact=True).first.wait_for()
-    page.get_by_text("Step").first.wait_for()  # per-epoch line charts, not single values
+        _see(page, curve, log, exact=True)
+    _see(page, "Step", log)  # per-epoch line charts, not single values
     page.wait_for_timeout(1500)
     page.screenshot(path=str(SHOTS / "run_curves.png"), full_page=True)
 
@@ -109,17 +119,17 @@ def test_run_page_shows_the_per_epoch_curves_and_the_artifacts(ui, page):
     # Lineage: the run's overview lists the data it was trained, validated and tested on (MLflow datasets).
     page.goto(run_url)
     page.reload()  # a full load of the run's page: a hash-only change can leave the last view up on a busy machine
-    page.get_by_text("generated-train").first.wait_for()
+    _see(page, "generated-train", log)
     page.get_by_text("+2", exact=True).first.click()  # the overview shows one dataset, the rest on request
     for name in ("generated-val", "generated-test"):
-        page.get_by_text(name).first.wait_for()
+        _see(page, name, log)
     body = page.inner_text("body")
     assert all(context in body for context in ("Training", "Validation", "Testing")), body[-1500:]
     page.screenshot(path=str(SHOTS / "run_datasets.png"))
     page.keyboard.press("Escape")
     page.goto(f"{run_url}/artifacts")
     for name in ("curves.png", "val_overlays.png", "history.csv", "weights", "evaluation"):
-        page.get_by_text(name, exact=True).first.wait_for()
+        _see(page, name, log, exact=True)
     page.get_by_text("curves.png", exact=True).first.click()
     # The preview shows the PNG itself (about 1000 px wide; MLflow's own logo and icons are far smaller).
     page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth > 500)")
@@ -128,18 +138,18 @@ def test_run_page_shows_the_per_epoch_curves_and_the_artifacts(ui, page):
 
 @pytest.mark.slow
 def test_registered_model_page_shows_the_champion(ui, page):
-    proj, base = ui
+    proj, base, log = ui
     client, _, train = _store(proj)
     champion = client.get_model_version_by_alias("emseg-unet", "champion")
     page.goto(f"{base}/#/models/emseg-unet")
-    page.get_by_text(f"Version {champion.version}").first.wait_for()
-    page.get_by_text("champion").first.wait_for()
+    _see(page, f"Version {champion.version}", log)
+    _see(page, "champion", log)
     page.wait_for_timeout(1000)
     page.screenshot(path=str(SHOTS / "registered_model.png"))
     page.goto(f"{base}/#/models/emseg-unet/versions/{champion.version}")
     page.reload()  # as above: this version's own page, not the list still showing "champion"
-    page.get_by_text("Trained on generated").first.wait_for()  # its description
-    page.get_by_text("champion").first.wait_for()
+    _see(page, "Trained on generated", log)  # its description
+    _see(page, "champion", log)
     body = page.inner_text("body")
     assert train.info.run_name in body or train.info.run_id in body  # the version links its run
     assert "Trained on generated" in body and "labelled slices" in body, body[:3000]  # its description
