@@ -43,11 +43,12 @@ def tree_peak(cmd: list[str], cwd: Path) -> dict:
     t = time.time()
     log = open(cwd / f"log-{time.time_ns()}.txt", "w+")  # not a pipe: a full pipe would stop the command
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    root, peak = psutil.Process(proc.pid), 0
+    root, peak, client, workers = psutil.Process(proc.pid), 0, 0, 0
     while proc.poll() is None:
         try:
-            procs = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            own = root.memory_info().rss  # the client, with a LocalCluster's scheduler in it
+            below = sum(p.memory_info().rss for p in root.children(recursive=True) if p.is_running())
+            peak, client, workers = max(peak, own + below), max(client, own), max(workers, below)
         except psutil.Error:
             pass
         time.sleep(0.2)
@@ -56,7 +57,8 @@ def tree_peak(cmd: list[str], cwd: Path) -> dict:
     log.close()
     if proc.returncode:
         raise SystemExit(f"{cmd} failed:\n{out[-3000:]}")
-    return {"seconds": time.time() - t, "peak_rss_mib": peak / 2 ** 20, "tail": out.splitlines()[-1]}
+    return {"seconds": time.time() - t, "peak_rss_mib": peak / 2 ** 20, "client_peak_mib": client / 2 ** 20,
+            "workers_peak_mib": workers / 2 ** 20, "tail": out.splitlines()[-1]}
 
 
 def model(tmp: Path, scale: float, minutes: float) -> Path:

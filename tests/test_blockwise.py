@@ -200,7 +200,22 @@ def test_objects_crossing_blocks_get_one_id_and_match_the_true_3d_objects(tmp_pa
             ids, counts = np.unique(labels[zz, yy, xx], return_counts=True)
             assert counts.max() >= 0.9 * len(zz), (i, dict(zip(ids.tolist(), counts.tolist())))
     assert crossing >= 5 and res["merged_across_blocks"] >= crossing
-    assert len(res["objects"]) == len(np.unique(labels)) - 1
+    # Only the 3 blocks with a lower neighbour (in z or x) ran the stitch pass.
+    assert len(list((tmp_path / "w/state/done").glob("stitch-*.json"))) == 3
+    # The object table, added up from the blocks' pieces, is the labels' own: every row, every field.
+    from scipy import ndimage
+
+    table = res["objects"]
+    ids = np.unique(labels)[1:]
+    assert np.array_equal(table["id"], ids)
+    assert np.array_equal(table["voxels"], np.bincount(labels.ravel())[ids])
+    assert np.allclose(table["volume_nm3"], table["voxels"] * 125.0)
+    boxes = ndimage.find_objects(labels)
+    for f, a in (("z", 0), ("y", 1), ("x", 2)):
+        assert table[f"bbox_{f}0"].tolist() == [boxes[i - 1][a].start for i in ids]
+        assert table[f"bbox_{f}1"].tolist() == [boxes[i - 1][a].stop for i in ids]
+    centres = np.array(ndimage.center_of_mass(labels > 0, labels, ids))
+    assert np.abs(np.stack([table[f"centroid_{f}"] for f in "zyx"], 1) - centres).max() <= 5e-4
 
 
 def _count_done(work: Path) -> int:

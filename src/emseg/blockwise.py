@@ -217,7 +217,7 @@ def _predict(job: Job, b, extra, blob):
                        job.levels, labels=False)
     mask = (prob > job.threshold).astype(np.uint8)
     if job.fused:  # the block holds whole slices: their 2D objects are split here, from memory
-        return _label_mask(job, b, mask.astype(np.float32))
+        return _label_mask(job, b, mask)
     zarr.open_array(str(job.state / "mask.zarr"), mode="r+")[zs, ys, xs] = mask
     return {}
 
@@ -225,12 +225,11 @@ def _predict(job: Job, b, extra, blob):
 def _label(job: Job, b, extra, blob):
     import zarr
 
-    mask = zarr.open_array(str(job.state / "mask.zarr"), mode="r")[job.label_grid.outer(b)]
-    return _label_mask(job, b, mask.astype(np.float32))
+    return _label_mask(job, b, zarr.open_array(str(job.state / "mask.zarr"), mode="r")[job.label_grid.outer(b)])
 
 
 def _label_mask(job: Job, b, mask: np.ndarray) -> dict:
-    """Objects of the mask read over block ``b`` and its halo: the core's block-unique ids into
+    """Objects of the (0/1) mask read over block ``b`` and its halo: the core's block-unique ids into
     ``raw.zarr``, the planes its lower neighbours will match against, and the ids found."""
     import zarr
 
@@ -364,7 +363,7 @@ def final_ids(job: Job, label_results: dict, pairs: Sequence[Sequence[int]]) -> 
     tables = {}
     for blk in g.blocks():  # blocks in order: final ids follow the volume, z first
         base = (g.index(blk) + 1) << 32
-        ids = label_results[blk]["ids"]
+        ids = np.asarray(label_results[blk]["ids"], np.int64).tolist()
         table = np.zeros(max(ids, default=0) + 1, np.int64)
         for i in ids:
             r = uf.find(base + i)
@@ -375,26 +374,47 @@ def final_ids(job: Job, label_results: dict, pairs: Sequence[Sequence[int]]) -> 
     return tables
 
 
-def object_table(job: Job, parts: Sequence[dict], voxel: Optional[Sequence[float]]) -> list[dict]:
-    rows: dict[int, dict] = {}
-    for p in parts:
-        for j, i in enumerate(p["ids"]):
-            r = rows.setdefault(i, {"id": i, "voxels": 0, **{f"s{a}": 0.0 for a in "zyx"},
-                                    **{f"lo{a}": 1 << 62 for a in "zyx"}, **{f"hi{a}": -1 for a in "zyx"}})
-            r["voxels"] += p["voxels"][j]
-            for a in "zyx":
-                r[f"s{a}"] += p[f"sum_{a}"][j]
-                r[f"lo{a}"] = min(r[f"lo{a}"], p[f"min_{a}"][j])
-                r[f"hi{a}"] = max(r[f"hi{a}"], p[f"max_{a}"][j])
-    cubic = float(np.prod(voxel)) if voxel else None
-    out = []
-    for i in sorted(rows):
-        r = rows[i]
-        out.append({"id": i, "voxels": r["voxels"],
-                    "volume_nm3": round(r["voxels"] * cubic, 3) if cubic else "",
-                    **{f"bbox_{a}0": r[f"lo{a}"] for a in "zyx"}, **{f"bbox_{a}1": r[f"hi{a}"] + 1 for a in "zyx"},
-                    **{f"centroid_{a}": round(r[f"s{a}"] / r["voxels"], 3) for a in "zyx"}})
-    return out
+OBJECT_FIELDS = ("id", "voxels", "volume_nm3", *[f"bbox_{a}{e}" for e in "01" for a in "zyx"],
+                 *[f"centroid_{a}" for a in "zyx"])
+_PART_KEYS = ("ids", "voxels", *[f"{k}_{a}" for k in ("sum", "min", "max") for a in "zyx"])
+
+
+def compact_part(result: dict) -> dict:
+    """A relabel result as arrays (the client keeps one per block: Python lists of a 4 GiB volume's
+    objects took hundreds of MB)."""
+    return {**{k: np.asarray(result[k], np.float64 if k.startswith("sum") else np.int64) for k in _PART_KEYS},
+            "task_seconds": result.get("task_seconds", 0.0)}
+
+
+def object_table(parts: Sequence[dict], voxel: Optional[Sequence[float]]) -> np.ndarray:
+    """One row per object (the fields of ``objects.csv``, ``volume_nm3`` NaN without a voxel size), its
+    pieces from every block added up: a structured array, ordered by id."""
+    cols = {k: np.concatenate([np.asarray(p[k]) for p in parts] or [np.zeros(0)]) for k in _PART_KEYS}
+    ids, where = np.unique(cols["ids"].astype(np.int64), return_inverse=True)
+    n = len(ids)
+    table = np.zeros(n, [(f, np.float64 if f.startswith(("volume", "centroid")) else np.int64)
+                         for f in OBJECT_FIELDS])
+    table["id"] = ids
+    table["voxels"] = np.bincount(where, weights=cols["voxels"], minlength=n).round()
+    table["volume_nm3"] = (table["voxels"] * float(np.prod(voxel))).round(3) if voxel else np.nan
+    for a in "zyx":
+        lo, hi = np.full(n, np.iinfo(np.int64).max), np.full(n, -1, np.int64)
+        np.minimum.at(lo, where, cols[f"min_{a}"].astype(np.int64))
+        np.maximum.at(hi, where, cols[f"max_{a}"].astype(np.int64))
+        table[f"bbox_{a}0"], table[f"bbox_{a}1"] = lo, hi + 1
+        table[f"centroid_{a}"] = (np.bincount(where, weights=cols[f"sum_{a}"], minlength=n)
+                                  / np.maximum(table["voxels"], 1)).round(3)
+    return table
+
+
+def write_objects_csv(path: Path, table: np.ndarray) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(OBJECT_FIELDS)
+        for row in table.tolist():  # Python ints and floats, as a person reads them; no volume without a voxel size
+            writer.writerow(["" if isinstance(v, float) and v != v else v for v in row])
 
 
 def parse_block(values: Sequence[int], option: str) -> tuple[int, int, int]:
@@ -441,7 +461,8 @@ def prepare_work(job: Job, overwrite: bool) -> int:
             shape = job.volume.shape
             ngff.create(tmp / "prediction.ome.zarr", shape, job.volume.voxel_size, job.levels)
             chunks = (1, min(ngff.CHUNK, shape[1]), min(ngff.CHUNK, shape[2]))
-            for name, dtype in (("mask.zarr", "uint8"), ("raw.zarr", "uint64")):
+            arrays = {"raw.zarr": "uint64"} if job.fused else {"mask.zarr": "uint8", "raw.zarr": "uint64"}
+            for name, dtype in arrays.items():  # fused: the prediction blocks keep their masks in memory
                 zarr.create_array(str(tmp / "state" / name), shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
             (tmp / "job.json").write_text(json.dumps(ident, indent=2, sort_keys=True))
             os.replace(tmp, work)
@@ -451,37 +472,57 @@ def prepare_work(job: Job, overwrite: bool) -> int:
     return len(list((work / "state" / "done").glob("*.json")))
 
 
-def done_results(job: Job, pass_name: str, blocks) -> dict:
+def done_results(job: Job, pass_name: str, blocks, keep=lambda r: r) -> dict:
     out = {}
     for b in blocks:
         p = _done_path(job, pass_name, b)
         if p.is_file():
-            out[tuple(b)] = json.loads(p.read_text())
+            out[tuple(b)] = keep(json.loads(p.read_text()))
     return out
 
 
-def run_pass(job: Job, pass_name: str, blocks, client, extra=None, blob=None, progress: bool = True) -> dict:
+def run_pass(job: Job, pass_name: str, blocks, client, extra=None, blob=None, progress: bool = True,
+             keep=lambda r: r) -> dict:
     """Run one pass over ``blocks`` (skipping those done), on the Dask ``client`` or, without one, here;
-    return every block's result."""
+    return every block's result, as ``keep`` stores it.
+
+    On Dask a bounded window of tasks is in flight (four per worker thread at the start, at least 32), and
+    each result is released
+    on the cluster once the client has it, so neither the scheduler's task records nor the results held
+    by the workers grow with the number of blocks."""
     from tqdm.auto import tqdm
 
-    results = done_results(job, pass_name, blocks)
-    todo = [b for b in blocks if b not in results]
-    extras = extra if isinstance(extra, dict) else {b: extra for b in todo}
+    results = done_results(job, pass_name, blocks, keep)
+    todo = iter([b for b in blocks if b not in results])
+    extras = extra if isinstance(extra, dict) else None
     bar = tqdm(total=len(blocks), initial=len(results), desc=f"{pass_name} blocks", unit="block",
                disable=not progress)
     with bar:
         if client is None:
             for b in todo:
-                results[b] = task(job, pass_name, b, extras[b], blob)
+                results[b] = keep(task(job, pass_name, b, extras[b] if extras else extra, blob))
                 bar.update()
             return results
         from distributed import as_completed
 
-        futures = {client.submit(task, job, pass_name, b, extras[b], blob, pure=False,
-                                 key=f"emseg-{pass_name}-{'_'.join(map(str, b))}-{os.getpid()}"): b for b in todo}
-        for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
+        flying: dict = {}
+        running = as_completed()
+
+        def submit_next() -> None:
+            b = next(todo, None)
+            if b is not None:
+                fut = client.submit(task, job, pass_name, b, extras[b] if extras else extra, blob, pure=False,
+                                    key=f"emseg-{pass_name}-{'_'.join(map(str, b))}-{os.getpid()}")
+                flying[fut.key] = b
+                running.add(fut)
+
+        for _ in range(max(32, 4 * sum(client.nthreads().values()))):
+            submit_next()
+        for fut in running:
+            b = flying.pop(fut.key)
+            results[b] = keep(fut.result())
+            fut.release()
+            submit_next()
             bar.update()
     return results
 
@@ -493,9 +534,9 @@ def execute(job: Job, client, blob: bytes, progress: bool = True) -> dict:
     mean, std = combine_stats([stats[b] for b in pg.blocks()], job.volume.name)
     t1 = time.perf_counter()
     blob_ref = client.scatter(blob, broadcast=True) if client is not None else blob
-    predicted = run_pass(job, "predict", pg.blocks(), client, (mean, std), blob_ref, progress)
+    predicted = run_pass(job, "predict", pg.blocks(), client, (mean, std), blob_ref, progress, keep=_ids_array)
     seconds = {"stats": t1 - t0, "predict": time.perf_counter() - t1}
-    result = label_objects(job, client, progress)
+    result = label_objects(job, client, progress, predicted if job.fused else None)
     busy = {"stats": _busy(stats), "predict": _busy(predicted), **result["busy"]}
     return {"mean": mean, "std": std, **result, "seconds": {**seconds, **result["seconds"]}, "busy": busy}
 
@@ -505,21 +546,27 @@ def _busy(results: dict) -> float:
     return sum(r.get("task_seconds", 0.0) for r in results.values())
 
 
-def label_objects(job: Job, client, progress: bool = True) -> dict:
-    """Passes 3 to 5 over ``state/mask.zarr``: the stitched objects (rows of objects.csv)."""
+def _ids_array(result: dict) -> dict:
+    return {**result, "ids": np.asarray(result.get("ids", []), np.int64)}
+
+
+def label_objects(job: Job, client, progress: bool = True, fused: Optional[dict] = None) -> dict:
+    """Passes 3 to 5 over ``state/mask.zarr`` (or, with ``fused``, the prediction blocks' own objects):
+    the stitched objects (a table, rows of objects.csv)."""
     lg, t = job.label_grid, [time.perf_counter()]
-    if job.fused:  # the prediction blocks split their own objects
-        labels = {b: {**r, "task_seconds": 0.0} for b, r in done_results(job, "predict", lg.blocks()).items()}
+    if fused is not None:  # the prediction blocks split their own objects
+        labels = {b: {**r, "task_seconds": 0.0} for b, r in fused.items()}
     else:
-        labels = run_pass(job, "label", lg.blocks(), client, progress=progress)
+        labels = run_pass(job, "label", lg.blocks(), client, progress=progress, keep=_ids_array)
     t.append(time.perf_counter())
-    stitched = run_pass(job, "stitch", lg.blocks(), client, progress=progress)
-    pairs = [p for b in lg.blocks() for p in stitched[b]["pairs"]]
+    # Only blocks with a lower neighbour along a stitch axis have faces to match.
+    faced = [b for b in lg.blocks() if any(lg.core(b)[a].start for a in _stitch_axes(job))]
+    stitched = run_pass(job, "stitch", faced, client, progress=progress)
+    pairs = [p for b in faced for p in stitched[b]["pairs"]]
     tables = final_ids(job, labels, pairs)
     t.append(time.perf_counter())
-    parts = run_pass(job, "relabel", lg.blocks(), client, {b: tables[b].tolist() for b in lg.blocks()},
-                     progress=progress)
-    objects = object_table(job, [parts[b] for b in lg.blocks()], job.volume.voxel_size)
+    parts = run_pass(job, "relabel", lg.blocks(), client, tables, progress=progress, keep=compact_part)
+    objects = object_table([parts[b] for b in lg.blocks()], job.volume.voxel_size)
     t.append(time.perf_counter())
     return {"objects": objects, "merged_across_blocks": len(pairs),
             "seconds": {name: b - a for name, a, b in zip(("label", "stitch", "relabel"), t, t[1:])},

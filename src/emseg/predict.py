@@ -131,7 +131,6 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
                       scheduler: str | None = None, workers: int | None = None) -> dict:
     """Predict a volume of any size block by block on Dask into ``output/prediction.ome.zarr`` with
     ``objects.csv`` and ``summary.json`` (see :mod:`emseg.blockwise`); resumes an unfinished run."""
-    import csv
     import shutil
 
     from emseg import blockwise as bw
@@ -178,12 +177,7 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
             raise type(err)(f"{err}; the finished blocks are kept in {job.work}: free space and run the same "
                             "command again to continue") from None
     work = Path(job.work)
-    with open(work / "objects.csv", "w", newline="") as fh:
-        fields = ["id", "voxels", "volume_nm3", *[f"bbox_{a}{e}" for e in "01" for a in "zyx"],
-                  *[f"centroid_{a}" for a in "zyx"]]
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(result["objects"])
+    bw.write_objects_csv(work / "objects.csv", result["objects"])
     summary = {"input": str(input_path), "input_key": volume.key, "model": model_ref, "shape": list(shape),
                "voxel_size_nm": list(volume.voxel_size) if volume.voxel_size else None,
                "objects": len(result["objects"]), "instances_mode": mode, "threshold": threshold,
