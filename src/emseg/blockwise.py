@@ -297,17 +297,16 @@ def match_planes(a: np.ndarray, b: np.ndarray) -> list[list[int]]:
 
 def _relabel(job: Job, b, extra, blob):
     import zarr
+    from scipy import ndimage
 
     g = job.label_grid
     core = g.core(b)
     lut = np.asarray(extra, np.uint32)  # local id -> final id
     raw = zarr.open_array(str(job.state / "raw.zarr"), mode="r")[core]
-    base = np.uint64(g.index(b) + 1) << np.uint64(32)
-    local = np.where(raw > 0, raw - base, np.uint64(0)).astype(np.int64)
-    final = lut[local]
-    ngff.write_pyramid(job.image / "labels" / "instances", final, tuple(c.start for c in core), job.levels, labels=True)
-    from scipy import ndimage
-
+    local = (raw & np.uint64(0xFFFFFFFF)).astype(np.intp)  # block-unique id = block base + local id (< 2^32)
+    del raw
+    ngff.write_pyramid(job.image / "labels" / "instances", lut[local], tuple(c.start for c in core), job.levels,
+                       labels=True)
     # Compact numbers 1..n for the final ids present, through the local ids (counting, not sorting: a
     # sort of every voxel was the slowest step). Pieces of one object share a final id.
     present = np.flatnonzero(np.bincount(local.ravel(), minlength=len(lut))[1:]) + 1
@@ -315,15 +314,15 @@ def _relabel(job: Job, b, extra, blob):
     index = np.zeros(len(lut), np.int32)
     index[present] = np.searchsorted(ids, lut[present]) + 1
     compact = index[local]  # 1..n, 0 = background
-    counts = np.bincount(compact.ravel(), minlength=len(ids) + 1)[1:]
-    out = {"ids": ids.tolist(), "voxels": counts.tolist()}
     boxes = ndimage.find_objects(compact, max_label=len(ids))
-    for axis, name in enumerate("zyx"):
-        coord = np.arange(compact.shape[axis]) + core[axis].start
-        shape = [1, 1, 1]
-        shape[axis] = -1
-        out[f"sum_{name}"] = ndimage.sum_labels(np.broadcast_to(coord.reshape(shape), compact.shape).astype(np.float64),
-                                                compact, np.arange(1, len(ids) + 1)).tolist()
+    # Per-object sums over the foreground voxels only (a few per cent of the block), one weighted count an axis.
+    fg = np.flatnonzero(compact)
+    which = compact.ravel()[fg]
+    voxels = np.bincount(which, minlength=len(ids) + 1)[1:]
+    out = {"ids": ids.tolist(), "voxels": voxels.tolist()}
+    for axis, (name, coord) in enumerate(zip("zyx", np.unravel_index(fg, compact.shape))):
+        out[f"sum_{name}"] = (np.bincount(which, weights=coord, minlength=len(ids) + 1)[1:]
+                              + voxels * float(core[axis].start)).tolist()
         out[f"min_{name}"] = [bx[axis].start + core[axis].start for bx in boxes]
         out[f"max_{name}"] = [bx[axis].stop - 1 + core[axis].start for bx in boxes]
     return out
