@@ -215,7 +215,7 @@ def test_objects_crossing_blocks_get_one_id_and_match_the_true_3d_objects(tmp_pa
         assert table[f"bbox_{f}0"].tolist() == [boxes[i - 1][a].start for i in ids]
         assert table[f"bbox_{f}1"].tolist() == [boxes[i - 1][a].stop for i in ids]
     centres = np.array(ndimage.center_of_mass(labels > 0, labels, ids))
-    assert np.abs(np.stack([table[f"centroid_{f}"] for f in "zyx"], 1) - centres).max() <= 5e-4
+    assert np.abs(np.stack([table[f"centroid_{f}"] for f in "zyx"], 1) - centres).max() < 1e-9
 
 
 def _count_done(work: Path) -> int:

@@ -387,7 +387,7 @@ def compact_part(result: dict) -> dict:
 
 def object_table(parts: Sequence[dict], voxel: Optional[Sequence[float]]) -> np.ndarray:
     """One row per object (the fields of ``objects.csv``, ``volume_nm3`` NaN without a voxel size), its
-    pieces from every block added up: a structured array, ordered by id."""
+    pieces from every block added up: a structured array, ordered by id, not rounded."""
     cols = {k: np.concatenate([np.asarray(p[k]) for p in parts] or [np.zeros(0)]) for k in _PART_KEYS}
     ids, where = np.unique(cols["ids"].astype(np.int64), return_inverse=True)
     n = len(ids)
@@ -395,14 +395,14 @@ def object_table(parts: Sequence[dict], voxel: Optional[Sequence[float]]) -> np.
                          for f in OBJECT_FIELDS])
     table["id"] = ids
     table["voxels"] = np.bincount(where, weights=cols["voxels"], minlength=n).round()
-    table["volume_nm3"] = (table["voxels"] * float(np.prod(voxel))).round(3) if voxel else np.nan
+    table["volume_nm3"] = table["voxels"] * float(np.prod(voxel)) if voxel else np.nan
     for a in "zyx":
         lo, hi = np.full(n, np.iinfo(np.int64).max), np.full(n, -1, np.int64)
         np.minimum.at(lo, where, cols[f"min_{a}"].astype(np.int64))
         np.maximum.at(hi, where, cols[f"max_{a}"].astype(np.int64))
         table[f"bbox_{a}0"], table[f"bbox_{a}1"] = lo, hi + 1
-        table[f"centroid_{a}"] = (np.bincount(where, weights=cols[f"sum_{a}"], minlength=n)
-                                  / np.maximum(table["voxels"], 1)).round(3)
+        sums = np.bincount(where, weights=cols[f"sum_{a}"], minlength=n)
+        table[f"centroid_{a}"] = sums / np.maximum(table["voxels"], 1)
     return table
 
 
@@ -412,8 +412,8 @@ def write_objects_csv(path: Path, table: np.ndarray) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(OBJECT_FIELDS)
-        for row in table.tolist():  # Python ints and floats, as a person reads them; no volume without a voxel size
-            writer.writerow(["" if isinstance(v, float) and v != v else v for v in row])
+        for row in table.tolist():  # Python ints, and floats to 3 decimals; no volume without a voxel size
+            writer.writerow([("" if v != v else round(v, 3)) if isinstance(v, float) else v for v in row])
 
 
 def parse_block(values: Sequence[int], option: str) -> tuple[int, int, int]:
@@ -505,13 +505,14 @@ def run_pass(job: Job, pass_name: str, blocks, client, extra=None, blob=None, pr
         from distributed import as_completed
 
         flying: dict = {}
-        running = as_completed()
+        running = as_completed(loop=client.loop)
+        run = f"{job.model_sha256[:12]}-{os.getpid()}-{os.urandom(4).hex()}"  # no two jobs share a key on one scheduler
 
         def submit_next() -> None:
             b = next(todo, None)
             if b is not None:
                 fut = client.submit(task, job, pass_name, b, extras[b] if extras else extra, blob, pure=False,
-                                    key=f"emseg-{pass_name}-{'_'.join(map(str, b))}-{os.getpid()}")
+                                    key=f"emseg-{pass_name}-{'_'.join(map(str, b))}-{run}")
                 flying[fut.key] = b
                 running.add(fut)
 
@@ -553,7 +554,8 @@ def label_objects(job: Job, client, progress: bool = True, fused: Optional[dict]
     """Passes 3 to 5 over ``state/mask.zarr`` (or, with ``fused``, the prediction blocks' own objects):
     the stitched objects (a table, rows of objects.csv)."""
     lg, t = job.label_grid, [time.perf_counter()]
-    if fused is not None:  # the prediction blocks split their own objects
+    if job.fused:  # the prediction blocks split their own objects (and wrote no mask)
+        fused = fused if fused is not None else done_results(job, "predict", lg.blocks(), _ids_array)
         labels = {b: {**r, "task_seconds": 0.0} for b, r in fused.items()}
     else:
         labels = run_pass(job, "label", lg.blocks(), client, progress=progress, keep=_ids_array)
