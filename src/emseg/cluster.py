@@ -77,9 +77,11 @@ def dask_client(scheduler: Optional[str], task_bytes: int, workers: Optional[int
     # distributed sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's adaptive mmap
     # threshold: every large torch buffer is then mapped and unmapped again, and prediction ran 3x slower
     # (most of it in the kernel). The workers keep glibc's defaults.
+    # A failed task's error reaches the client, which turns it into one line (a full disk, say); the workers'
+    # own "Compute Failed" log records would only repeat it, so only critical ones are shown.
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=None, silence_logs=logging.CRITICAL)
     try:
         with Client(cluster) as client:
             client.threads = threads
