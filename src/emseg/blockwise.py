@@ -250,9 +250,7 @@ def _label_mask(job: Job, b, mask: np.ndarray) -> dict:
     ids = np.where(local > 0, local + base, np.uint64(0))
     inner = tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(core, outer))
     zarr.open_array(str(job.state / "raw.zarr"), mode="r+")[core] = ids[inner]
-    for axis in _stitch_axes(job):
-        if core[axis].start == 0:
-            continue
+    for axis in _lower_faces(job, b):
         plane = list(inner)
         plane[axis] = slice(0, inner[axis].start)  # the halo inside the lower neighbour's core
         np.save(job.state / "faces" / f"{g.index(b)}-{axis}.npy", ids[tuple(plane)])
@@ -260,8 +258,11 @@ def _label_mask(job: Job, b, mask: np.ndarray) -> dict:
     return {"ids": [int(i) for i in present if i]}
 
 
-def _stitch_axes(job: Job) -> tuple[int, ...]:
-    return (0, 1, 2) if job.mode == "3d" else (1, 2)  # serial sections: objects do not cross slices
+def _lower_faces(job: Job, b) -> list[int]:
+    """Axes along which object block ``b`` has a lower neighbour to stitch with (serial sections: not z,
+    objects do not cross slices)."""
+    core = job.label_grid.core(b)
+    return [a for a in ((0, 1, 2) if job.mode == "3d" else (1, 2)) if core[a].start > 0]
 
 
 def _stitch(job: Job, b, extra, blob):
@@ -271,9 +272,7 @@ def _stitch(job: Job, b, extra, blob):
     core = g.core(b)
     raw = zarr.open_array(str(job.state / "raw.zarr"), mode="r")
     pairs = []
-    for axis in _stitch_axes(job):
-        if core[axis].start == 0:
-            continue
+    for axis in _lower_faces(job, b):
         mine = np.load(job.state / "faces" / f"{g.index(b)}-{axis}.npy")
         region = list(core)
         region[axis] = slice(core[axis].start - mine.shape[axis], core[axis].start)
@@ -486,20 +485,19 @@ def run_pass(job: Job, pass_name: str, blocks, client, extra=None, blob=None, pr
     return every block's result, as ``keep`` stores it.
 
     On Dask a bounded window of tasks is in flight (four per worker thread at the start, at least 32), and
-    each result is released
-    on the cluster once the client has it, so neither the scheduler's task records nor the results held
-    by the workers grow with the number of blocks."""
+    each result is released on the cluster once the client has it, so neither the scheduler's task
+    records nor the results held by the workers grow with the number of blocks."""
     from tqdm.auto import tqdm
 
     results = done_results(job, pass_name, blocks, keep)
     todo = iter([b for b in blocks if b not in results])
-    extras = extra if isinstance(extra, dict) else None
+    arg = extra.__getitem__ if isinstance(extra, dict) else (lambda b: extra)  # one per block, or shared
     bar = tqdm(total=len(blocks), initial=len(results), desc=f"{pass_name} blocks", unit="block",
                disable=not progress)
     with bar:
         if client is None:
             for b in todo:
-                results[b] = keep(task(job, pass_name, b, extras[b] if extras else extra, blob))
+                results[b] = keep(task(job, pass_name, b, arg(b), blob))
                 bar.update()
             return results
         from distributed import as_completed
@@ -511,7 +509,7 @@ def run_pass(job: Job, pass_name: str, blocks, client, extra=None, blob=None, pr
         def submit_next() -> None:
             b = next(todo, None)
             if b is not None:
-                fut = client.submit(task, job, pass_name, b, extras[b] if extras else extra, blob, pure=False,
+                fut = client.submit(task, job, pass_name, b, arg(b), blob, pure=False,
                                     key=f"emseg-{pass_name}-{'_'.join(map(str, b))}-{run}")
                 flying[fut.key] = b
                 running.add(fut)
@@ -561,7 +559,7 @@ def label_objects(job: Job, client, progress: bool = True, fused: Optional[dict]
         labels = run_pass(job, "label", lg.blocks(), client, progress=progress, keep=_ids_array)
     t.append(time.perf_counter())
     # Only blocks with a lower neighbour along a stitch axis have faces to match.
-    faced = [b for b in lg.blocks() if any(lg.core(b)[a].start for a in _stitch_axes(job))]
+    faced = [b for b in lg.blocks() if _lower_faces(job, b)]
     stitched = run_pass(job, "stitch", faced, client, progress=progress)
     pairs = [p for b in faced for p in stitched[b]["pairs"]]
     tables = final_ids(job, labels, pairs)
