@@ -6,7 +6,11 @@ profile's time cap), then `emseg evaluate`, which makes every choice on the vali
 the test stack once. Reported: each seed's figures, and over the seeds the mean, the sample standard
 deviation (ddof=1), min, max and n.
 
-Run: .venv/bin/python benchmarks/bench_epfl_train.py [PROFILE] [--seeds 0 1 2]
+Given several profiles (the plain one first), it alternates them within each seed (A0 B0 A1 B1 ...), so
+that a slower hour of the machine falls on both, and also reports each option's per-seed difference from
+the first profile (paired over the seeds: mean, sample sd, n).
+
+Run: .venv/bin/python benchmarks/bench_epfl_train.py [PROFILE ...] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -109,28 +113,51 @@ def one_seed(profile: Path, seed: int, init_path: str | None = None) -> dict:
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("profile", nargs="?", default=str(ROOT / "profiles" / "epfl-cpu.yaml"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = ap.parse_args()
-    profile = Path(args.profile).resolve()
-    t0 = time.time()
-    init = (yaml.safe_load(profile.read_text()).get("train") or {}).get("init") or {}
-    ssl = None
-    if init.get("path") == "models/ssl.pt" and not (ROOT / "models/ssl.pt").is_file():
-        ssl = ssl_once(profile, args.seeds[0])
-    rows = [one_seed(profile, s, ssl["weights"] if ssl else None) for s in args.seeds]
+def summarise(profile: Path, seeds: list[int], rows: list[dict], ssl: dict | None, wall: float) -> dict:
     summary = {k: spread([float(r[k]) for r in rows]) for k in SUMMARISED}
     iou = summary["iou"]
-    save(f"epfl_train_{profile.stem}", {
-        "command": f".venv/bin/python benchmarks/bench_epfl_train.py {profile.relative_to(ROOT)} --seeds "
-                   + " ".join(map(str, args.seeds)),
-        "profile": yaml.safe_load(profile.read_text()), "seeds": args.seeds, "wall_seconds": round(time.time() - t0),
-        "summary": summary, "test_iou_mean_minus_sd": round(iou["mean"] - (iou["sd"] or 0.0), 4),
-        **({"ssl": ssl} if ssl else {}),
-        "per_seed": rows,
-    })
+    return {"command": f".venv/bin/python benchmarks/bench_epfl_train.py {profile.relative_to(ROOT)} --seeds "
+                       + " ".join(map(str, seeds)),
+            "profile": yaml.safe_load(profile.read_text()), "seeds": seeds, "wall_seconds": round(wall),
+            "summary": summary, "test_iou_mean_minus_sd": round(iou["mean"] - (iou["sd"] or 0.0), 4),
+            **({"ssl": ssl} if ssl else {}), "per_seed": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("profiles", nargs="*", default=[str(ROOT / "profiles" / "epfl-cpu.yaml")])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args()
+    profiles = [Path(p).resolve() for p in args.profiles]
+    if len({p.stem for p in profiles}) < len(profiles):
+        sys.exit("each profile once, please: the results are saved by profile name")
+    ssl, rows, wall = {}, {p: [] for p in profiles}, dict.fromkeys(profiles, 0.0)
+    for profile in profiles:
+        init = (yaml.safe_load(profile.read_text()).get("train") or {}).get("init") or {}
+        if init.get("path") == "models/ssl.pt" and not (ROOT / "models/ssl.pt").is_file():
+            t0 = time.time()
+            ssl[profile] = ssl_once(profile, args.seeds[0])
+            wall[profile] += time.time() - t0
+    for seed in args.seeds:
+        for profile in profiles:
+            t0 = time.time()
+            rows[profile].append(one_seed(profile, seed, ssl[profile]["weights"] if profile in ssl else None))
+            wall[profile] += time.time() - t0
+    for profile in profiles:
+        result = summarise(profile, args.seeds, rows[profile], ssl.get(profile), wall[profile])
+        save(f"epfl_train_{profile.stem}", result)
+    if len(profiles) > 1:
+        base = profiles[0]
+        paired = {p.stem: {k: spread([float(a[k]) - float(b[k]) for a, b in zip(rows[p], rows[base])])
+                           for k in ("iou", "instance_f1", "best_val_iou", "epochs", "patches_per_second")}
+                  for p in profiles[1:]}
+        names = " ".join(str(p.relative_to(ROOT)) for p in profiles)
+        save("epfl_train_paired", {
+            "command": f".venv/bin/python benchmarks/bench_epfl_train.py {names} --seeds "
+                       + " ".join(map(str, args.seeds)),
+            "baseline": base.stem, "order": "profiles alternate within each seed",
+            "difference_from_baseline": paired,
+            "test_iou": {p.stem: [r["iou"] for r in rows[p]] for p in profiles}})
 
 
 if __name__ == "__main__":
