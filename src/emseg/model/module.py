@@ -25,6 +25,7 @@ class SegmentationModule(L.LightningModule):
         self._counts = {"train": {}, "val": {}}
         self.semi = semi if semi and semi.get("weight", 0) > 0 else None
         self.teacher: SegmentationNet | None = None
+        self.budget_s: float | None = None  # train.max_minutes in seconds: the schedule follows the clock too
 
     def start_teacher(self) -> None:
         """Mean teacher (train.semi): a copy of the network as initialised, then its moving average.
@@ -131,9 +132,13 @@ class SegmentationModule(L.LightningModule):
         ids = {id(p) for p in encoder}
         rest = [p for p in self.net.parameters() if id(p) not in ids]  # not the mean teacher's
         # Fine-tuning: a pretrained encoder may learn more slowly than the decoder (factor < 1).
-        groups = [{"params": encoder, "lr": lr * factor}, {"params": rest, "lr": lr}]
+        low = lr * 0.05 * min(factor, 1.0)
+        groups = [{"params": encoder, "lr": lr * factor, "base_lr": lr * factor, "min_lr": low},
+                  {"params": rest, "lr": lr, "base_lr": lr, "min_lr": low}]
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)
+        if self.budget_s:  # emseg.model.schedule.BudgetCosine sets the learning rate before each step
+            return {"optimizer": opt}
         max_epochs = (self.trainer.max_epochs
                       if self.trainer and self.trainer.max_epochs and self.trainer.max_epochs > 0 else 50)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=lr * 0.05 * min(factor, 1.0))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=low)
         return {"optimizer": opt, "lr_scheduler": sched}
