@@ -2,7 +2,8 @@
 
 For each seed: `git clone` this repository (its committed HEAD) into a scratch folder with `../shared`
 beside it, then time `dvc exp run -S data.source=epfl -S seed=N` there, the whole pipeline (fetch,
-prepare, tune, train, evaluate, register) with nothing else changed. Reported per seed: wall time,
+prepare, tune, train, evaluate, register) with nothing else changed but an empty EPFL cache folder
+(`data.epfl.cache_dir`, so that the copy from ../shared is made as on a first run). Reported per seed: wall time,
 what tuning chose, training epochs and seconds, test foreground IoU on all 82 slices of testing.tif;
 over the seeds: mean, sample sd (ddof=1), n. The issue's target: within 0.03 of the best CPU profile
 (`bench_epfl_train.py`) in at most 30 minutes.

@@ -126,15 +126,28 @@ class SegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_epoch_scores("val")
 
-    def configure_optimizers(self):
+    def group_lrs(self) -> list[tuple[float, float]]:
+        """(starting, lowest) learning rate of the encoder's parameter group and of the rest's."""
         lr, factor = self.hparams.lr, self.hparams.get("encoder_lr_factor", 1.0)
+        low = lr * 0.05 * min(factor, 1.0)
+        return [(lr * factor, low), (lr, low)]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A last.ckpt written before the schedule kept its rates in the optimiser's groups: add them.
+        for state in checkpoint.get("optimizer_states", []):
+            for group, (base, low) in zip(state.get("param_groups", []), self.group_lrs()):
+                group.setdefault("base_lr", base)
+                group.setdefault("min_lr", low)
+
+    def configure_optimizers(self):
+        lr = self.hparams.lr
         encoder = list(self.net.net.encoder.parameters())
         ids = {id(p) for p in encoder}
         rest = [p for p in self.net.parameters() if id(p) not in ids]  # not the mean teacher's
         # Fine-tuning: a pretrained encoder may learn more slowly than the decoder (factor < 1).
-        low = lr * 0.05 * min(factor, 1.0)
-        groups = [{"params": encoder, "lr": lr * factor, "base_lr": lr * factor, "min_lr": low},
-                  {"params": rest, "lr": lr, "base_lr": lr, "min_lr": low}]
+        (enc_lr, low), (rest_lr, _) = self.group_lrs()
+        groups = [{"params": encoder, "lr": enc_lr, "base_lr": enc_lr, "min_lr": low},
+                  {"params": rest, "lr": rest_lr, "base_lr": rest_lr, "min_lr": low}]
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)
         if self.budget_s:  # emseg.model.schedule.BudgetCosine sets the learning rate before each step
             return {"optimizer": opt}

@@ -31,7 +31,7 @@ class BudgetCosine(Callback):
         if seconds <= 0:
             raise ValueError(f"a training budget must be positive, got {seconds} s")
         self.seconds = float(seconds)
-        self.progress = 0.0  # the last step's progress: 1.0 once the schedule has run out
+        self.progress = 0.0  # how far down the cosine training got: 1.0 at its end
 
     @staticmethod
     def _timer(trainer) -> Timer:
@@ -40,12 +40,19 @@ class BudgetCosine(Callback):
                 return cb
         raise RuntimeError("BudgetCosine needs the Timer that Trainer(max_time=...) adds")
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def _progress(self, trainer) -> float:
         planned = trainer.estimated_stepping_batches
         by_steps = trainer.global_step / planned if math.isfinite(planned) and planned > 0 else 0.0
         progress = max(by_steps, self._timer(trainer).time_elapsed() / self.seconds)
         # DDP: every rank must step with the same learning rate; rank 0's clock decides.
-        self.progress = float(trainer.strategy.broadcast(progress, src=0))
+        return float(trainer.strategy.broadcast(progress, src=0))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.progress = self._progress(trainer)
         for opt in trainer.optimizers:
             for group in opt.param_groups:
                 group["lr"] = cosine(group["base_lr"], group["min_lr"], self.progress)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Also when no step ran (a resumed run whose minutes were already spent).
+        self.progress = max(self.progress, min(self._progress(trainer), 1.0))

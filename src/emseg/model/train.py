@@ -11,6 +11,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -176,8 +177,8 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
     max_time, budget = None, None
     minutes = max_minutes if max_minutes is not None else cfg.max_minutes
     if minutes:
-        max_time = {"seconds": int(minutes * 60)}
-        module.budget_s = float(max_time["seconds"])
+        module.budget_s = float(minutes * 60)
+        max_time = timedelta(seconds=module.budget_s)
         budget = BudgetCosine(module.budget_s)
         cbs.append(budget)
     trainer = L.Trainer(
