@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHES = ["bench_prepare_memory.py", "bench_train_throughput.py", "bench_semi_step.py", "bench_layout.py",
            "bench_pruning.py", "bench_predict.py", "bench_blockwise.py memory", "bench_blockwise.py overhead",
-           "bench_epfl_train.py", "bench_active_learning.py", "bench_learning_curve.py"]
+           "bench_epfl_train.py", "bench_defaults.py", "bench_active_learning.py", "bench_learning_curve.py"]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

@@ -157,6 +157,8 @@ class TrainParams(_Strict):
     lr: PositiveFloat = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     max_epochs: PositiveInt = 20
+    # A budget: training stops when it runs out, and the cosine schedule anneals by whichever ends
+    # first, these minutes or max_epochs (emseg.model.schedule), so a slower machine still anneals.
     max_minutes: Optional[PositiveFloat] = None
     early_stopping_patience: PositiveInt = 8
     use_tuned: bool = True  # take lr and batch_size from the tune stage's best_params.json

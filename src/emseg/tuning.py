@@ -25,6 +25,8 @@ def study_name(params, prepared_dir: str) -> str:
                                                       strategy=True),  # trials always use one device
                        "tune": params.tune.model_dump(include={"epochs_per_trial", "minutes_per_trial", "lr_min",
                                                                "lr_max", "batch_sizes"}),
+                       # a trial's budget (its schedule follows it): tune.minutes_per_trial, else train.max_minutes
+                       "trial_minutes": params.tune.minutes_per_trial or params.train.max_minutes,
                        "seed": params.seed}, sort_keys=True).encode()
     return f"{params.tune.study_name}-{hashlib.sha256(manifest + spec).hexdigest()[:10]}"
 

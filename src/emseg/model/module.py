@@ -25,6 +25,7 @@ class SegmentationModule(L.LightningModule):
         self._counts = {"train": {}, "val": {}}
         self.semi = semi if semi and semi.get("weight", 0) > 0 else None
         self.teacher: SegmentationNet | None = None
+        self.budget_s: float | None = None  # train.max_minutes in seconds: the schedule follows the clock too
 
     def start_teacher(self) -> None:
         """Mean teacher (train.semi): a copy of the network as initialised, then its moving average.
@@ -125,15 +126,32 @@ class SegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_epoch_scores("val")
 
-    def configure_optimizers(self):
+    def group_lrs(self) -> list[tuple[float, float]]:
+        """(starting, lowest) learning rate of the encoder's parameter group and of the rest's."""
         lr, factor = self.hparams.lr, self.hparams.get("encoder_lr_factor", 1.0)
+        low = lr * 0.05 * min(factor, 1.0)
+        return [(lr * factor, low), (lr, low)]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A last.ckpt written before the schedule kept its rates in the optimiser's groups: add them.
+        for state in checkpoint.get("optimizer_states", []):
+            for group, (base, low) in zip(state.get("param_groups", []), self.group_lrs()):
+                group.setdefault("base_lr", base)
+                group.setdefault("min_lr", low)
+
+    def configure_optimizers(self):
+        lr = self.hparams.lr
         encoder = list(self.net.net.encoder.parameters())
         ids = {id(p) for p in encoder}
         rest = [p for p in self.net.parameters() if id(p) not in ids]  # not the mean teacher's
         # Fine-tuning: a pretrained encoder may learn more slowly than the decoder (factor < 1).
-        groups = [{"params": encoder, "lr": lr * factor}, {"params": rest, "lr": lr}]
+        (enc_lr, low), (rest_lr, _) = self.group_lrs()
+        groups = [{"params": encoder, "lr": enc_lr, "base_lr": enc_lr, "min_lr": low},
+                  {"params": rest, "lr": rest_lr, "base_lr": rest_lr, "min_lr": low}]
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)
+        if self.budget_s:  # emseg.model.schedule.BudgetCosine sets the learning rate before each step
+            return {"optimizer": opt}
         max_epochs = (self.trainer.max_epochs
                       if self.trainer and self.trainer.max_epochs and self.trainer.max_epochs > 0 else 50)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=lr * 0.05 * min(factor, 1.0))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs, eta_min=low)
         return {"optimizer": opt, "lr_scheduler": sched}

@@ -11,6 +11,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,7 @@ from emseg.data.prepare import load_split
 from emseg.errors import ConfigError
 from emseg.model.module import SegmentationModule
 from emseg.model.network import SegmentationNet, channels_last, initialise, model_spec
+from emseg.model.schedule import BudgetCosine
 
 CURVE_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "train_iou", "val_iou", "train_consistency")
 
@@ -172,10 +174,13 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
         # smp's EfficientNet keeps a head the U-Net never calls, and train.freeze_encoder_epochs leaves
         # the encoder without gradients at first: DDP must expect parameters that get none.
         strategy = "ddp_find_unused_parameters_true"
-    max_time = None
+    max_time, budget = None, None
     minutes = max_minutes if max_minutes is not None else cfg.max_minutes
     if minutes:
-        max_time = {"seconds": int(minutes * 60)}
+        module.budget_s = float(minutes * 60)
+        max_time = timedelta(seconds=module.budget_s)
+        budget = BudgetCosine(module.budget_s)
+        cbs.append(budget)
     trainer = L.Trainer(
         max_epochs=max_epochs or cfg.max_epochs, max_time=max_time, accelerator=cfg.accelerator,
         devices=devices, strategy=strategy, precision=cfg.precision or ("16-mixed" if gpu else "32-true"),
@@ -210,4 +215,5 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
         plain.load_state_dict(net.state_dict())
         net = plain.eval()
     return FitResult(net, best, history.rows, ckpt.best_model_path if ckpt else None, init_desc,
-                     len(history.rows), seconds, {"resumed_from_epoch": resumed_from})
+                     len(history.rows), seconds, {"resumed_from_epoch": resumed_from,
+                                                  "schedule_progress": round(budget.progress, 3) if budget else None})

@@ -75,6 +75,8 @@ def _run(params, params_path: str, prepared_dir: str = PREPARED_DIR) -> dict:
         summary = {"best_val_iou": result.best_score, "epochs": result.epochs,
                    "train_seconds": round(result.seconds, 1),
                    "patches_per_second": round(patches_per_s, 2), "lr": lr, "batch_size": batch_size}
+        if result.extra.get("schedule_progress") is not None:  # 1.0: the cosine ran out within train.max_minutes
+            summary["schedule_progress"] = result.extra["schedule_progress"]
         mlflow.log_metrics({"best_val_iou": result.best_score, "train_seconds": result.seconds,
                             "patches_per_second": patches_per_s})
         with staged_files(TRAIN_DIR) as rep:
