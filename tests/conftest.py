@@ -144,6 +144,19 @@ SMALL_GENERATED = {"data": {"source": "generated", "train_slices": 3, "val_slice
                             "generated": {"slices": 8, "test_slices": 2, "height": 256, "width": 320}}}
 
 
+
+@pytest.fixture(scope="module")
+def small_prepared(tmp_path_factory):
+    """SMALL_GENERATED fetched and prepared: a folder of train/val/test splits for in-process fits."""
+    from emseg.config import parse_params
+    from emseg.data.prepare import prepare
+    from emseg.data.sources import fetch_raw
+
+    d = tmp_path_factory.mktemp("small")
+    params = parse_params(SMALL_GENERATED)
+    fetch_raw(params.data, d / "raw")
+    prepare(params.data, d / "raw", d / "prepared")
+    return d / "prepared"
 TINY = {
     **SMALL_GENERATED,
     "model": {"decoder_channels": [64, 32, 16, 16, 8]},

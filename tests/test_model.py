@@ -10,8 +10,7 @@ from conftest import SMALL_GENERATED
 from emseg import IGNORE
 from emseg.config import AugmentParams, InitParams, ModelParams, parse_params
 from emseg.data.augment import Augmenter
-from emseg.data.prepare import load_split, prepare
-from emseg.data.sources import fetch_raw
+from emseg.data.prepare import load_split
 from emseg.errors import EmsegError
 from emseg.inference import predict_slice
 from emseg.metrics import confusion, scores
@@ -112,15 +111,6 @@ def test_init_imagenet_from_local_file_and_clear_error_without_one(tmp_path):
 def test_unknown_encoder_is_a_clear_error():
     with pytest.raises(EmsegError, match="model.encoder: 'efficientnet-b99' is not an encoder"):
         build_network(ModelParams(encoder="efficientnet-b99"))
-
-
-@pytest.fixture(scope="module")
-def small_prepared(tmp_path_factory):
-    d = tmp_path_factory.mktemp("small")
-    params = parse_params(SMALL_GENERATED)
-    fetch_raw(params.data, d / "raw")
-    prepare(params.data, d / "raw", d / "prepared")
-    return d / "prepared"
 
 
 def test_short_training_predicts_right_in_eval_mode_and_repeats(small_prepared, tmp_path):

@@ -7,8 +7,6 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import SMALL_GENERATED
 from emseg.config import parse_params
-from emseg.data.prepare import prepare
-from emseg.data.sources import fetch_raw
 from emseg.model.schedule import cosine
 from emseg.model.train import fit
 
@@ -26,15 +24,6 @@ class LearningRates(Callback):
         self.steps.append(tuple(g["lr"] for g in optimizer.param_groups))
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    d = tmp_path_factory.mktemp("schedule")
-    params = parse_params(SMALL_GENERATED)
-    fetch_raw(params.data, d / "raw")
-    prepare(params.data, d / "raw", d / "prepared")
-    return d / "prepared"
-
-
 def _fit(prepared, work, **train):
     params = parse_params({**SMALL_GENERATED, "model": {"decoder_channels": [32, 16, 16, 8, 8]},
                            "train": {"patch_size": 64, "batch_size": 4, "early_stopping_patience": 10**6,
@@ -45,9 +34,9 @@ def _fit(prepared, work, **train):
     return res, [a for a, _ in rates.steps]
 
 
-def test_minutes_run_out_first_and_the_cosine_still_anneals(prepared, tmp_path):
+def test_minutes_run_out_first_and_the_cosine_still_anneals(small_prepared, tmp_path):
     # 12 s for an epoch cap that would take hours: an epoch-based cosine would still be at its start.
-    res, lrs = _fit(prepared, tmp_path, max_epochs=100_000, max_minutes=0.2, patches_per_epoch=48)
+    res, lrs = _fit(small_prepared, tmp_path, max_epochs=100_000, max_minutes=0.2, patches_per_epoch=48)
     assert res.epochs < 100_000 and res.seconds >= 11.5  # stopped by the clock
     assert len(lrs) >= 12
     assert lrs[0] > 0.95 * LR  # starts at the learning rate asked for...
@@ -57,17 +46,17 @@ def test_minutes_run_out_first_and_the_cosine_still_anneals(prepared, tmp_path):
     assert res.extra["schedule_progress"] > 0.95
 
 
-def test_steps_run_out_first_and_the_cosine_follows_them(prepared, tmp_path):
+def test_steps_run_out_first_and_the_cosine_follows_them(small_prepared, tmp_path):
     # 4 epochs of 2 steps in a 10-minute budget: the planned steps end first, exactly on the cosine.
-    res, lrs = _fit(prepared, tmp_path, max_epochs=4, max_minutes=10)
+    res, lrs = _fit(small_prepared, tmp_path, max_epochs=4, max_minutes=10)
     assert res.epochs == 4 and len(lrs) == 8
     for k, lr in enumerate(lrs[1:], start=1):
         assert lr == pytest.approx(cosine(LR, LOW, k / 8), rel=1e-9)
     assert res.extra["schedule_progress"] == 1.0  # every planned step taken
 
 
-def test_without_a_budget_the_schedule_is_the_epoch_cosine(prepared, tmp_path):
-    res, lrs = _fit(prepared, tmp_path, max_epochs=4)
+def test_without_a_budget_the_schedule_is_the_epoch_cosine(small_prepared, tmp_path):
+    res, lrs = _fit(small_prepared, tmp_path, max_epochs=4)
     assert len(lrs) == 8 and res.extra["schedule_progress"] is None
     assert lrs[0] == lrs[1] == pytest.approx(LR) and lrs[2] == lrs[3] < LR  # stepped once per epoch
     assert lrs[2] == pytest.approx(cosine(LR, LOW, 1 / 4), rel=1e-6)

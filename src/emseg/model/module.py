@@ -13,6 +13,7 @@ import torch
 from emseg.metrics import add_counts, confusion, scores
 from emseg.model.losses import consistency_loss, segmentation_loss
 from emseg.model.network import SegmentationNet
+from emseg.model.schedule import BudgetCosine
 
 
 class SegmentationModule(L.LightningModule):
@@ -25,7 +26,6 @@ class SegmentationModule(L.LightningModule):
         self._counts = {"train": {}, "val": {}}
         self.semi = semi if semi and semi.get("weight", 0) > 0 else None
         self.teacher: SegmentationNet | None = None
-        self.budget_s: float | None = None  # train.max_minutes in seconds: the schedule follows the clock too
 
     def start_teacher(self) -> None:
         """Mean teacher (train.semi): a copy of the network as initialised, then its moving average.
@@ -149,7 +149,7 @@ class SegmentationModule(L.LightningModule):
         groups = [{"params": encoder, "lr": enc_lr, "base_lr": enc_lr, "min_lr": low},
                   {"params": rest, "lr": rest_lr, "base_lr": rest_lr, "min_lr": low}]
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams.weight_decay)
-        if self.budget_s:  # emseg.model.schedule.BudgetCosine sets the learning rate before each step
+        if any(isinstance(cb, BudgetCosine) for cb in self.trainer.callbacks):  # it sets the rate every step
             return {"optimizer": opt}
         max_epochs = (self.trainer.max_epochs
                       if self.trainer and self.trainer.max_epochs and self.trainer.max_epochs > 0 else 50)

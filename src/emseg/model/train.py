@@ -177,9 +177,8 @@ def fit(params: Params, data, work_dir: str | Path, *, lr: float, batch_size: in
     max_time, budget = None, None
     minutes = max_minutes if max_minutes is not None else cfg.max_minutes
     if minutes:
-        module.budget_s = float(minutes * 60)
-        max_time = timedelta(seconds=module.budget_s)
-        budget = BudgetCosine(module.budget_s)
+        max_time = timedelta(seconds=minutes * 60)
+        budget = BudgetCosine(minutes * 60)
         cbs.append(budget)
     trainer = L.Trainer(
         max_epochs=max_epochs or cfg.max_epochs, max_time=max_time, accelerator=cfg.accelerator,
