@@ -156,7 +156,8 @@ def test_evaluate_and_register_promote_like_for_like_and_a_worse_run_does_not_ta
     write_params(proj, {"data": {"source": "tiff", "train_slices": 4, "val_slices": 2, "test_slices": 4,
                                  "tiff": {"image": str(data / "img.tif"), "labels": str(data / "lab.tif")}},
                         "train": {"max_epochs": 6, "patches_per_epoch": 48, "patch_size": 128, "lr": 0.003,
-                                  "use_tuned": False}})
+                                  "use_tuned": False},
+                        "tune": TINY["tune"]})  # tune runs as a stage but is not used: as cheap as it goes
     run_cli(["dvc", "repro"], proj, check=True)
     real = json.loads((proj / "reports/register/registration.json").read_text())
     # A label stack without object labels: its objects are followed through the 4 test slices in 3D.
