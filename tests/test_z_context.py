@@ -200,3 +200,86 @@ def test_a_25d_model_exports_to_bioimageio_with_its_neighbours_as_channels(crop,
     finally:
         pipeline.unload()
     np.testing.assert_allclose(got[0, 0], own, atol=1e-4)
+
+
+def test_suggest_scores_a_25d_model_with_the_neighbours_and_its_painted_crops_feed_one(crop, tmp_path):
+    """`emseg suggest` feeds a 2.5D network each slice with its neighbours (a network that looks only
+    at the slice below scores each slice as the 2D one scores the slice below), writes each crop's
+    neighbours beside it, and `prepare` turns the painted crops into 2.5D training inputs."""
+    import json
+
+    from emseg.active.pool import score_pool
+    from emseg.active.strategies import grid_candidates
+    from emseg.data.datamodule import EMDataModule
+    from emseg.data.patches import MixedPatches
+    from emseg.errors import DataError
+
+    torch.manual_seed(0)
+    net2d = build_network(crop["params1"].model).eval()
+    with torch.no_grad():
+        for p in net2d.net.segmentation_head.parameters():
+            p.mul_(40)
+    save_weights(net2d, tmp_path / "2d.pt")
+    net3 = build_network(crop["params3"].model)
+    initialise(net3, InitParams(mode="checkpoint", path=str(tmp_path / "2d.pt")))
+    with torch.no_grad():
+        w = _first_conv(net3)
+        w[:, 0], w[:, 1] = w[:, 1].clone(), 0
+    net3.eval()
+    mean, std = stack_stats(inspect_stack(crop["image"]))
+    norm = np.stack([normalise(s, mean, std) for s in crop["stack"]])
+    ctx = np.stack([norm[context_indices(z, N, 3)] for z in range(N)])
+    cands = grid_candidates(N, 256, 320, 64, 32)
+    got = score_pool(net3, ctx, cands, progress=False).scores["entropy"]
+    below = score_pool(net2d, ctx[:, 0], cands, progress=False).scores["entropy"]
+    itself = score_pool(net2d, ctx[:, 1], cands, progress=False).scores["entropy"]
+    np.testing.assert_allclose(got, below, rtol=1e-3, atol=1e-2)
+    assert np.abs(got - itself).mean() > 10 * np.abs(got - below).mean()
+
+    # Another stack of the same tissue (slices of training.tif), suggested on with the 2.5D model file.
+    with tifffile.TiffFile(EPFL / "training.tif") as tf:
+        other = tf.asarray(key=range(60, 70))[:, 300:556, 400:720]
+    with tifffile.TiffFile(EPFL / "training_groundtruth.tif") as tf:
+        truth = tf.asarray(key=range(60, 70))[:, 300:556, 400:720]
+    tifffile.imwrite(tmp_path / "other.tif", other)
+    save_weights(net3, tmp_path / "m3.pt")
+    folder = tmp_path / "annotations" / "round-1"
+    run_cli(["emseg", "suggest", "--model", str(tmp_path / "m3.pt"), str(tmp_path / "other.tif"), str(folder),
+             "-k", "2", "--patch-size", "64"], tmp_path, check=True)
+    meta = json.loads((folder / "suggestions.json").read_text())
+    assert meta["z_context"] == 3 and meta["context_slices"] == 5 and len(meta["suggestions"]) == 2
+    for r in meta["suggestions"]:
+        z, y, x = r["slice"], r["y"], r["x"]
+        window = other[context_indices(z, 10, 5), y:y + 64, x:x + 64]
+        assert np.array_equal(tifffile.imread(folder / r["context"]), window)
+        assert np.array_equal(tifffile.imread(folder / r["image"]), other[z, y:y + 64, x:x + 64])
+        painted = np.full((64, 64), 128, np.uint8)
+        painted[:, :32] = truth[z, y:y + 64, x:x + 32]  # the left half painted from the ground truth
+        tifffile.imwrite(folder / r["labels"], painted)
+
+    params = parse_params({**_raw_params(crop, 3), "data": {**_raw_params(crop, 3)["data"],
+                                                          "annotations": str(tmp_path / "annotations")}})
+    manifest = prepare(params.data, crop["dir"] / "raw3", tmp_path / "prep", 3)
+    assert manifest["annotations"]["patches"] == 2
+    xs, ys = load_split(tmp_path / "prep", "annotations")
+    assert xs.shape == (2, 3, 64, 64) and ys.shape == (2, 64, 64)
+    m, s = meta["normalisation"]["mean"], meta["normalisation"]["std"]
+    for i, r in enumerate(meta["suggestions"]):
+        z, y, x = r["slice"], r["y"], r["x"]
+        for c, j in enumerate(context_indices(z, 10, 3)):  # the painted slice in the middle of its neighbours
+            np.testing.assert_allclose(xs[i, c], (other[j, y:y + 64, x:x + 64] - m) / s, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(ys[i, :, :32], (truth[z, y:y + 64, x:x + 32] == 255).astype(np.uint8))
+        assert (ys[i, :, 32:] == 255).all()  # blank: ignored
+    dm = EMDataModule(tmp_path / "prep", params.train, 4, 0)
+    dm.setup()
+    assert isinstance(dm.train_set, MixedPatches)
+    image, label = dm.train_set.parts[1][0]
+    assert tuple(image.shape) == (3, 96, 96) and (np.asarray(label) != 255).any()
+
+    # A round written before suggest kept neighbours cannot feed a 2.5D network: one clear error.
+    for r in meta["suggestions"]:
+        del r["context"]
+    (folder / "suggestions.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="01_labels.tif: painted crop without its neighbouring slices"):
+        prepare(params.data, crop["dir"] / "raw3", tmp_path / "prep-old", 3)
+    assert not (tmp_path / "prep-old").exists()

@@ -144,9 +144,6 @@ def _suggest(args: argparse.Namespace) -> None:
         raise EmsegError("-k and --every must be at least 1, --patch-size at least 32, --mc-passes at least 2")
     _claim(args)
     net, ref, _ = _load_model(args, params)
-    if net.spec.get("z_context", 1) > 1:
-        raise EmsegError(f"{args.model}: sees {net.spec['z_context']} slices at a time (model.z_context); "
-                         "emseg suggest scores single slices only so far: use a model trained with z_context 1")
     s = suggest(net, args.input, args.output, k=args.k, unit=args.unit, patch_size=args.patch_size,
                 strategy=args.strategy, every=args.every, mc_passes=args.mc_passes, blank=args.blank, model_ref=ref,
                 overwrite=args.overwrite, max_overlap=active.max_overlap, stride=stride)

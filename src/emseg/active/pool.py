@@ -46,14 +46,16 @@ def _feature_sums(fmap: np.ndarray, cands: Candidates, shape: tuple[int, int]) -
 @torch.no_grad()
 def score_pool(net, images, cands: Candidates, passes: int = 1, progress: bool = True,
                keep_maps: bool = True) -> PoolScores:
-    """Predict every pool slice and score every candidate patch. Without ``keep_maps`` only the
-    scores and features are kept (memory: a slice at a time, for large stacks)."""
+    """Predict every pool slice and score every candidate patch. ``images``: (n, H, W), or (n, k, H, W)
+    for a 2.5D network (each slice with its z neighbours, ``model.z_context``). Without ``keep_maps``
+    only the scores and features are kept (memory: a slice at a time, for large stacks)."""
     if passes > 1 and float(net.spec.get("dropout", 0.0)) == 0.0:
         raise ConfigError("BALD needs Monte Carlo dropout: the model was built with model.dropout 0; "
                           "train it with model.dropout > 0 (for example 0.2)")
     net.eval()
     device = next(net.parameters()).device
-    n, H, W = np.shape(images)
+    shape = np.shape(images)
+    n, (H, W) = shape[0], shape[-2:]
     keys = ("entropy", "least_confidence", "bald")
     probs = np.zeros((n, H, W) if keep_maps else (0, H, W), np.float32)
     maps = {k: np.zeros((n, H, W) if keep_maps else (0, H, W), np.float32) for k in keys}
@@ -61,7 +63,7 @@ def score_pool(net, images, cands: Candidates, passes: int = 1, progress: bool =
     fmaps = []
     for i in tqdm(range(n), desc="score pool", unit="slice", disable=not progress):
         padded, _ = pad_to_multiple(np.array(images[i], dtype=np.float32))
-        x = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(device)
+        x = torch.from_numpy(np.ascontiguousarray(padded)).reshape(1, -1, *padded.shape[-2:]).to(device)
         logits, bottleneck = net.mc_logits(x, max(passes, 1))
         samples = torch.sigmoid(logits.float())[:, 0, 0, :H, :W].cpu().numpy()  # (T, H, W)
         mean = samples.mean(0)
@@ -77,7 +79,7 @@ def score_pool(net, images, cands: Candidates, passes: int = 1, progress: bool =
             probs[i] = mean
         # Bottleneck cells that cover the real (unpadded) slice only.
         fb = bottleneck[0].float().cpu().numpy()
-        ph, pw = padded.shape
+        ph, pw = padded.shape[-2:]
         fh, fw = fb.shape[1:]
         fmaps.append(fb[:, :max(1, round(fh * H / ph)), :max(1, round(fw * W / pw))])
     shapes = {f.shape for f in fmaps}

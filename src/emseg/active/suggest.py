@@ -4,6 +4,9 @@ Writes a new folder:
 
 - ``suggestions.csv``: rank, slice, y, x, size, score and the files of each suggestion;
 - ``NN_image.tif``: the crop as it is in the stack (same dtype), for the annotation tool;
+- ``NN_context.tif``: the same crop on the slice and its neighbours, ``CONTEXT`` slices (or the
+  model's ``z_context`` if more; ends of the stack mirrored): what a 2.5D network is fed with the
+  painted slice, so the painting trains any network up to that ``z_context``;
 - ``NN_labels.tif``: the template to paint, uint8 filled with the blank value (default 128):
   paint 255 (or 1) on the structure, 0 on background, leave blank what you do not want to decide;
 - ``NN_uncertainty.png``: where the model is unsure (bright), to guide the eye;
@@ -24,12 +27,14 @@ from tqdm.auto import tqdm
 
 from emseg.active.pool import score_pool
 from emseg.active.strategies import STRATEGIES, Candidates, grid_candidates, select
-from emseg.data.io import check_image_dtype, inspect_stack, normalise, read_slices, sha256_of
+from emseg.data.io import check_image_dtype, context_indices, context_stack, inspect_stack, read_slices, sha256_of
 from emseg.data.io import stack_stats
+from emseg.model.arch import in_channels
 from emseg.errors import ConfigError
 from emseg.fsutil import atomic_dir, claim_output, write_json
 
 BLANK = 128
+CONTEXT = 5  # slices kept around each suggestion (z_context up to 5 can train on the painted crop)
 
 
 def _slices_to_score(n: int, every: int) -> list[int]:
@@ -55,13 +60,15 @@ def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 4, unit
         raise ConfigError(f"--patch-size: {size} is larger than the slices of {input_path} ({H}x{W})")
     mean, std = stack_stats(info)
     zs = _slices_to_score(n, every)
+    k_net = in_channels(net.spec)  # 2.5D: each slice is scored with its neighbours, as the network was trained
+    context = max(CONTEXT, k_net)
     passes = mc_passes if strategy == "bald" else 1
     scores: dict[str, list] = {key: [] for key in ("entropy", "least_confidence", "bald")}
     zyx, feats = [], []
     # One slice at a time, keeping only patch scores and features: memory does not grow with the stack.
-    for z, raw in zip(tqdm(zs, desc="suggest: score slices", unit="slice", disable=not progress),
-                      read_slices(info, zs)):
-        img = normalise(raw, mean, std)[None]
+    for z, img in zip(tqdm(zs, desc="suggest: score slices", unit="slice", disable=not progress),
+                      context_stack(info, k_net, mean, std, zs)):
+        img = img[None]
         local = (grid_candidates(1, H, W, size, stride or max(size // 2, 1)) if unit == "patch"
                  else Candidates(np.array([[0, 0, 0]]), min(H, W)))
         pool = score_pool(net, img, local, passes, progress=False, keep_maps=unit == "slice")
@@ -78,27 +85,30 @@ def suggest(net, input_path: str | Path, output: str | Path, *, k: int = 4, unit
                "input_sha256": sha256_of(info.path) if info.path.is_file() else None,
                "shape": [n, H, W], "dtype": str(info.dtype), "normalisation": {"mean": mean, "std": std},
                "model": model_ref, "strategy": strategy, "unit": unit, "size": int(cands.size), "k": len(picks),
-               "blank": blank, "scored_slices": len(zs), "suggestions": []}
+               "blank": blank, "scored_slices": len(zs), "z_context": k_net, "context_slices": context,
+               "suggestions": []}
     maps = {}  # the uncertainty map of each chosen slice, recomputed for the pictures
-    for z in sorted({int(cands.zyx[i][0]) for i in picks}):
-        img = normalise(next(read_slices(info, [z])), mean, std)[None]
+    chosen = sorted({int(cands.zyx[i][0]) for i in picks})
+    for z, img in zip(chosen, context_stack(info, k_net, mean, std, chosen)):
+        img = img[None]
         one = Candidates(np.array([[0, 0, 0]]), min(H, W))
         maps[z] = score_pool(net, img, one, passes, progress=False).maps["bald" if strategy == "bald" else "entropy"][0]
     with atomic_dir(output, marker={"command": "suggest"}) as tmp:
-        _write(tmp, info, cands, picks, score[base], maps, blank, summary)
+        _write(tmp, info, cands, picks, score[base], maps, blank, summary, context)
     return summary
 
 
-def _write(tmp: Path, info, cands: Candidates, picks, score, maps, blank: int, summary: dict) -> None:
+def _write(tmp: Path, info, cands: Candidates, picks, score, maps, blank: int, summary: dict, context: int) -> None:
     import tifffile
 
     from emseg.plots import save_uncertainty_png, plot_suggestions
 
     s = cands.size
     rows = []
-    slices = {}
-    for z in maps:
-        slices[z] = next(read_slices(info, [z]))
+    n = info.shape[0]
+    near = sorted({j for z in maps for j in context_indices(z, n, context)})
+    raw = dict(zip(near, read_slices(info, near)))  # each chosen slice and its neighbours, read once
+    slices = {z: raw[z] for z in maps}
     for rank, i in enumerate(picks, 1):
         z, y, x = (int(v) for v in cands.zyx[i])
         h, w = (s, s) if summary["unit"] == "patch" else slices[z].shape
@@ -106,10 +116,13 @@ def _write(tmp: Path, info, cands: Candidates, picks, score, maps, blank: int, s
         crop = slices[z][y:y + h, x:x + w]
         tifffile.imwrite(tmp / f"{stem}_image.tif", crop, photometric="minisblack")
         tifffile.imwrite(tmp / f"{stem}_labels.tif", np.full(crop.shape, blank, np.uint8), photometric="minisblack")
+        tifffile.imwrite(tmp / f"{stem}_context.tif",
+                         np.stack([raw[j][y:y + h, x:x + w] for j in context_indices(z, n, context)]),
+                         photometric="minisblack")
         save_uncertainty_png(np.asarray(maps[z][y:y + h, x:x + w], np.float32), tmp / f"{stem}_uncertainty.png")
         rows.append({"rank": rank, "slice": z, "y": y, "x": x, "height": h, "width": w,
                      "score": round(float(score[i]), 4), "image": f"{stem}_image.tif", "labels": f"{stem}_labels.tif",
-                     "uncertainty": f"{stem}_uncertainty.png"})
+                     "uncertainty": f"{stem}_uncertainty.png", "context": f"{stem}_context.tif"})
     with open(tmp / "suggestions.csv", "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
         wr.writeheader()

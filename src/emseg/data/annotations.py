@@ -4,6 +4,8 @@ Every ``suggestions.json`` under the annotations folder lists crops with a label
 A template that holds any pixel other than its blank value has been worked on: its crop joins the
 training data, normalised by the statistics of the stack it was cut from (recorded by suggest),
 with the blank pixels marked IGNORE so the loss skips them. Untouched templates are left out.
+For a 2.5D network (``model.z_context`` k > 1) each crop comes with its k - 1 neighbours, taken from
+the ``NN_context.tif`` that suggest wrote beside it (the painted slice in the middle).
 """
 
 from __future__ import annotations
@@ -19,8 +21,33 @@ from emseg.data.io import read_2d_file
 from emseg.errors import DataError
 
 
-def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
-    """(images float32, labels uint8 0/1/IGNORE, records) of every painted template under ``folder``."""
+def _context_crop(meta_path: Path, row: dict, k: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The k slices (k, h, w) around a painted crop, from the context stack suggest wrote for it."""
+    import tifffile
+
+    name = row.get("context")
+    if not name:
+        raise DataError(f"{meta_path.parent / row['labels']}: painted crop without its neighbouring slices "
+                        f"(written by an emseg suggest from before 2.5D), but model.z_context is {k}; run emseg "
+                        "suggest again for this round, or set model.z_context: 1")
+    path = meta_path.parent / name
+    if not path.is_file():
+        raise DataError(f"{path}: context stack listed in {meta_path.name} is missing")
+    try:
+        ctx = np.asarray(tifffile.imread(path))
+    except Exception as exc:  # noqa: BLE001 (a damaged file: its name and what went wrong)
+        raise DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if ctx.ndim != 3 or ctx.shape[1:] != tuple(shape) or ctx.shape[0] % 2 == 0:
+        raise DataError(f"{path}: expected an odd number of slices of {tuple(shape)}, got shape {ctx.shape}")
+    if ctx.shape[0] < k:
+        raise DataError(f"{path}: holds {ctx.shape[0]} slices; model.z_context {k} needs {k}")
+    lo = ctx.shape[0] // 2 - k // 2
+    return ctx[lo:lo + k]
+
+
+def collect(folder: str | Path, k: int = 1) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
+    """(images float32, labels uint8 0/1/IGNORE, records) of every painted template under ``folder``;
+    images (h, w), or (k, h, w) with the neighbours for a network of ``model.z_context`` k."""
     folder = Path(folder)
     images, labels, records = [], [], []
     if not folder.is_dir():
@@ -53,6 +80,8 @@ def collect(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
                 raise DataError(f"{lab_path}: shape {lab.shape} differs from its image {img_path.name} {img.shape}")
             out = np.where(lab == fg, 1, 0).astype(np.uint8)
             out[lab == blank] = IGNORE
+            if k > 1:
+                img = _context_crop(meta_path, r, k, img.shape)
             images.append(((img.astype(np.float32) - norm["mean"]) / norm["std"]).astype(np.float32))
             labels.append(out)
             records.append({"file": str(lab_path.relative_to(folder)), "slice": r["slice"], "y": r["y"], "x": r["x"],
@@ -102,9 +131,11 @@ def painted_templates_below(folder: str | Path) -> list[Path]:
 
 
 def stack_padded(images: list[np.ndarray], labels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Crops of different sizes in one (n, H, W) array each: padded (reflect / IGNORE) to the largest."""
-    h = max(i.shape[0] for i in images)
-    w = max(i.shape[1] for i in images)
-    xs = [np.pad(i, ((0, h - i.shape[0]), (0, w - i.shape[1])), mode="reflect") for i in images]
+    """Crops of different sizes in one array each, (n, H, W), or (n, k, H, W) for crops with their
+    neighbours: padded (reflect / IGNORE) to the largest."""
+    h = max(i.shape[-2] for i in images)
+    w = max(i.shape[-1] for i in images)
+    xs = [np.pad(i, ((0, 0),) * (i.ndim - 2) + ((0, h - i.shape[-2]), (0, w - i.shape[-1])), mode="reflect")
+          for i in images]
     ys = [np.pad(lab, ((0, h - lab.shape[0]), (0, w - lab.shape[1])), constant_values=IGNORE) for lab in labels]
     return np.stack(xs), np.stack(ys)

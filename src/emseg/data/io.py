@@ -230,13 +230,16 @@ def context_indices(z: int, n: int, k: int) -> list[int]:
     return out
 
 
-def context_stack(info: StackInfo, k: int, mean: float, std: float) -> Iterator[np.ndarray]:
-    """Every slice of a stack, normalised, in order: (H, W) for ``k`` 1, else (k, H, W) with its
-    neighbours (:func:`context_indices`). Each slice is read once; at most k are held."""
+def context_stack(info: StackInfo, k: int, mean: float, std: float,
+                  zs: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """Slices ``zs`` of a stack (default: every slice), normalised, in that order: (H, W) for ``k`` 1,
+    else (k, H, W) with its neighbours (:func:`context_indices`). Each slice is read once while it stays
+    in the window of the next one; at most k are held."""
     n = info.shape[0]
+    zs = list(range(n)) if zs is None else [int(z) for z in zs]
     held: dict[int, np.ndarray] = {}
     with StackReader(info) as reader:
-        for z in range(n):
+        for i, z in enumerate(zs):
             if k == 1:
                 yield normalise(reader.read(z), mean, std)
                 continue
@@ -245,7 +248,8 @@ def context_stack(info: StackInfo, k: int, mean: float, std: float) -> Iterator[
                 if j not in held:
                     held[j] = normalise(reader.read(j), mean, std)
             yield np.stack([held[j] for j in want])
-            for j in [j for j in held if j < z + 1 - k // 2 and j not in context_indices(z + 1, n, k)]:
+            keep = set(context_indices(zs[i + 1], n, k)) if i + 1 < len(zs) else set()
+            for j in [j for j in held if j not in keep]:
                 del held[j]
 
 

@@ -301,10 +301,7 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict, z_con
             for _ in _write_inputs("unlabelled", train_img, idx, train_stats, tmp, z_context):
                 pass
             manifest["unlabelled"] = {"slices": idx, "shape": [len(idx), *train_img.shape[1:]], "z_context": z_context}
-        manifest["annotations"] = _write_annotations(params.annotations, tmp, desc, held_out, gap)
-        if z_context > 1 and manifest["annotations"]["patches"]:
-            raise ConfigError(f"{params.annotations}: painted crops hold one slice, without the neighbours that "
-                              f"model.z_context {z_context} feeds; set data.annotations: null or model.z_context: 1")
+        manifest["annotations"] = _write_annotations(params.annotations, tmp, desc, held_out, gap, z_context)
         if manifest["splits"]["train"]["foreground_fraction"] == 0:
             raise DataError(f"{train_lab.path}: the training slices {train_idx} hold no foreground; nothing to learn")
         write_json(tmp / "manifest.json", manifest)
@@ -344,13 +341,15 @@ def _refuse_held_out(records: list[dict], desc: dict, held_out: dict[str, list[i
                                 f"or move it out of {folder}")
 
 
-def _write_annotations(folder: Optional[str], out: Path, desc: dict, held_out: dict[str, list[int]], gap: int) -> dict:
-    """Painted `emseg suggest` templates under ``folder`` -> annotations_{images,labels}.npy."""
+def _write_annotations(folder: Optional[str], out: Path, desc: dict, held_out: dict[str, list[int]], gap: int,
+                       z_context: int = 1) -> dict:
+    """Painted `emseg suggest` templates under ``folder`` -> annotations_{images,labels}.npy (the images
+    with their z neighbours for ``z_context`` > 1, as the training slices)."""
     from emseg.data.annotations import collect, stack_padded
 
     if not folder:
         return {"folder": None, "patches": 0}
-    images, labels, records = collect(folder)
+    images, labels, records = collect(folder, z_context)
     _refuse_held_out(records, desc, held_out, gap, folder)
     if images:
         x, y = stack_padded(images, labels)
