@@ -23,8 +23,10 @@ def study(pruning: bool, n_trials: int, epochs: int) -> dict:
     params["data"].update(train_slices=4, val_slices=1)
     params["data"]["generated"].update(slices=6, test_slices=1, height=256, width=320)
     params["model"]["decoder_channels"] = [64, 32, 16, 16, 8]
-    params["train"].update(patch_size=96, patches_per_epoch=32)
-    params["tune"].update(n_trials=n_trials, epochs_per_trial=epochs, pruning=pruning, lr_min=1e-4, lr_max=3e-2)
+    params["train"].update(patch_size=96, patches_per_epoch=32, max_minutes=None)
+    # Trials bounded by their epochs alone, pruned from the first epoch on, as when this was measured.
+    params["tune"].update(n_trials=n_trials, epochs_per_trial=epochs, pruning=pruning, lr_min=1e-4, lr_max=3e-2,
+                          minutes_per_trial=None, prune_after_epochs=1)
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     for stage in ("fetch", "prepare"):
         run_measured(["emseg", stage], proj)

@@ -144,7 +144,6 @@ SMALL_GENERATED = {"data": {"source": "generated", "train_slices": 3, "val_slice
                             "generated": {"slices": 8, "test_slices": 2, "height": 256, "width": 320}}}
 
 
-
 @pytest.fixture(scope="module")
 def small_prepared(tmp_path_factory):
     """SMALL_GENERATED fetched and prepared: a folder of train/val/test splits for in-process fits."""
@@ -157,6 +156,8 @@ def small_prepared(tmp_path_factory):
     fetch_raw(params.data, d / "raw")
     prepare(params.data, d / "raw", d / "prepared")
     return d / "prepared"
+
+
 TINY = {
     **SMALL_GENERATED,
     "model": {"decoder_channels": [64, 32, 16, 16, 8]},

@@ -530,7 +530,8 @@ def test_the_pruner_stops_a_trial_that_falls_behind_the_median(tmp_path):
     proj = make_project(tmp_path / "proj", git=False)
     write_params(proj, {**TINY, "train": {**TINY["train"], "patches_per_epoch": 64},
                         "tune": {**TINY["tune"], "n_trials": 3, "epochs_per_trial": 4, "batch_sizes": [8],
-                                 "lr_min": 1e-9, "prune_after_epochs": 2, "prune_startup_trials": 2}})
+                                 "lr_min": 1e-9, "prune_after_epochs": 2, "prune_startup_trials": 2,
+                                 "minutes_per_trial": 10}})  # epochs, never the clock, end a trial here
     assert run_cli(["emseg", "fetch"], proj).returncode == 0 and run_cli(["emseg", "prepare"], proj).returncode == 0
     (proj / "optuna").mkdir(exist_ok=True)
     storage = f"sqlite:///{proj / 'optuna' / 'study.db'}"

@@ -52,6 +52,19 @@ def crop(tmp_path_factory):
     return out
 
 
+def test_context_stack_yields_any_slices_with_their_neighbours(crop):
+    from emseg.data.io import context_stack
+
+    info = inspect_stack(crop["image"])
+    mean, std = stack_stats(info)
+    norm = np.stack([normalise(s, mean, std) for s in crop["stack"]])
+    zs = [9, 0, 5, 5, 13, 12]  # out of order, repeated, both ends
+    got = list(context_stack(info, 3, mean, std, zs))
+    for z, g in zip(zs, got, strict=True):
+        np.testing.assert_array_equal(g, norm[context_indices(z, N, 3)])
+    assert np.array_equal(next(iter(context_stack(info, 1, mean, std, [4]))), norm[4])
+
+
 def test_context_indices_mirror_the_ends_of_the_stack():
     assert context_indices(5, 10, 3) == [4, 5, 6]
     assert context_indices(0, 10, 3) == [1, 0, 1]
@@ -245,11 +258,20 @@ def test_suggest_scores_a_25d_model_with_the_neighbours_and_its_painted_crops_fe
     save_weights(net3, tmp_path / "m3.pt")
     folder = tmp_path / "annotations" / "round-1"
     run_cli(["emseg", "suggest", "--model", str(tmp_path / "m3.pt"), str(tmp_path / "other.tif"), str(folder),
-             "-k", "2", "--patch-size", "64"], tmp_path, check=True)
+             "-k", "2", "--patch-size", "64", "--every", "2"], tmp_path, check=True)
     meta = json.loads((folder / "suggestions.json").read_text())
     assert meta["z_context"] == 3 and meta["context_slices"] == 5 and len(meta["suggestions"]) == 2
+    # Its scores are those of the network fed each scored slice with its own neighbours.
+    info = inspect_stack(tmp_path / "other.tif")
+    om, osd = stack_stats(info)
+    onorm = np.stack([normalise(s, om, osd) for s in other])
+    octx = np.stack([onorm[context_indices(z, 10, 3)] for z in range(10)])
+    ocands = grid_candidates(10, 256, 320, 64, 32)
+    expect = score_pool(net3, octx, ocands, progress=False).scores["entropy"]
+    where = {tuple(int(v) for v in c): i for i, c in enumerate(ocands.zyx)}
     for r in meta["suggestions"]:
         z, y, x = r["slice"], r["y"], r["x"]
+        assert z % 2 == 0 and r["score"] == pytest.approx(expect[where[(z, y, x)]], rel=1e-3, abs=1e-2)
         window = other[context_indices(z, 10, 5), y:y + 64, x:x + 64]
         assert np.array_equal(tifffile.imread(folder / r["context"]), window)
         assert np.array_equal(tifffile.imread(folder / r["image"]), other[z, y:y + 64, x:x + 64])

@@ -106,9 +106,7 @@ def _write(tmp: Path, info, cands: Candidates, picks, score, maps, blank: int, s
     s = cands.size
     rows = []
     n = info.shape[0]
-    near = sorted({j for z in maps for j in context_indices(z, n, context)})
-    raw = dict(zip(near, read_slices(info, near)))  # each chosen slice and its neighbours, read once
-    slices = {z: raw[z] for z in maps}
+    slices = dict(zip(maps, read_slices(info, list(maps))))
     for rank, i in enumerate(picks, 1):
         z, y, x = (int(v) for v in cands.zyx[i])
         h, w = (s, s) if summary["unit"] == "patch" else slices[z].shape
@@ -116,9 +114,9 @@ def _write(tmp: Path, info, cands: Candidates, picks, score, maps, blank: int, s
         crop = slices[z][y:y + h, x:x + w]
         tifffile.imwrite(tmp / f"{stem}_image.tif", crop, photometric="minisblack")
         tifffile.imwrite(tmp / f"{stem}_labels.tif", np.full(crop.shape, blank, np.uint8), photometric="minisblack")
-        tifffile.imwrite(tmp / f"{stem}_context.tif",
-                         np.stack([raw[j][y:y + h, x:x + w] for j in context_indices(z, n, context)]),
-                         photometric="minisblack")
+        # One pick's neighbours at a time, cropped as they are read: memory stays at a slice or two.
+        near = [sl[y:y + h, x:x + w] for sl in read_slices(info, context_indices(z, n, context))]
+        tifffile.imwrite(tmp / f"{stem}_context.tif", np.stack(near), photometric="minisblack")
         save_uncertainty_png(np.asarray(maps[z][y:y + h, x:x + w], np.float32), tmp / f"{stem}_uncertainty.png")
         rows.append({"rank": rank, "slice": z, "y": y, "x": x, "height": h, "width": w,
                      "score": round(float(score[i]), 4), "image": f"{stem}_image.tif", "labels": f"{stem}_labels.tif",

@@ -21,15 +21,16 @@ from emseg.data.io import read_2d_file
 from emseg.errors import DataError
 
 
-def _context_crop(meta_path: Path, row: dict, k: int, shape: tuple[int, ...]) -> np.ndarray:
-    """The k slices (k, h, w) around a painted crop, from the context stack suggest wrote for it."""
+def _context_crop(meta_path: Path, row: dict, k: int, image: np.ndarray) -> np.ndarray:
+    """The k slices (k, h, w) around a painted crop ``image``, from the context stack suggest wrote for it."""
     import tifffile
 
     name = row.get("context")
     if not name:
         raise DataError(f"{meta_path.parent / row['labels']}: painted crop without its neighbouring slices "
-                        f"(written by an emseg suggest from before 2.5D), but model.z_context is {k}; run emseg "
-                        "suggest again for this round, or set model.z_context: 1")
+                        f"(written by an emseg suggest from before 2.5D), but model.z_context is {k}; keep the "
+                        f"painting and set model.z_context: 1, or move {meta_path.parent.name} out of the "
+                        "annotations folder and paint a new emseg suggest round")
     path = meta_path.parent / name
     if not path.is_file():
         raise DataError(f"{path}: context stack listed in {meta_path.name} is missing")
@@ -37,10 +38,14 @@ def _context_crop(meta_path: Path, row: dict, k: int, shape: tuple[int, ...]) ->
         ctx = np.asarray(tifffile.imread(path))
     except Exception as exc:  # noqa: BLE001 (a damaged file: its name and what went wrong)
         raise DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
-    if ctx.ndim != 3 or ctx.shape[1:] != tuple(shape) or ctx.shape[0] % 2 == 0:
-        raise DataError(f"{path}: expected an odd number of slices of {tuple(shape)}, got shape {ctx.shape}")
+    if ctx.ndim != 3 or ctx.shape[1:] != image.shape or ctx.shape[0] % 2 == 0:
+        raise DataError(f"{path}: expected an odd number of slices of {image.shape}, got shape {ctx.shape}")
+    if not np.array_equal(ctx[ctx.shape[0] // 2], image):
+        raise DataError(f"{path}: its middle slice differs from {row['image']}; the crop and its neighbours must "
+                        "come from the same emseg suggest round")
     if ctx.shape[0] < k:
-        raise DataError(f"{path}: holds {ctx.shape[0]} slices; model.z_context {k} needs {k}")
+        raise DataError(f"{path}: holds {ctx.shape[0]} slices; model.z_context {k} needs {k} (set model.z_context "
+                        f"to at most {ctx.shape[0]}, or paint a round that emseg suggest wrote with such a model)")
     lo = ctx.shape[0] // 2 - k // 2
     return ctx[lo:lo + k]
 
@@ -81,7 +86,7 @@ def collect(folder: str | Path, k: int = 1) -> tuple[list[np.ndarray], list[np.n
             out = np.where(lab == fg, 1, 0).astype(np.uint8)
             out[lab == blank] = IGNORE
             if k > 1:
-                img = _context_crop(meta_path, r, k, img.shape)
+                img = _context_crop(meta_path, r, k, img)
             images.append(((img.astype(np.float32) - norm["mean"]) / norm["std"]).astype(np.float32))
             labels.append(out)
             records.append({"file": str(lab_path.relative_to(folder)), "slice": r["slice"], "y": r["y"], "x": r["x"],

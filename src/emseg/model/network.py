@@ -162,7 +162,7 @@ def _state_dict_from(blob: Any, path: str | Path) -> dict[str, torch.Tensor]:
     raise EmsegError(f"{path}: holds no state dict")
 
 
-def _load_matching(net: SegmentationNet, sd: dict[str, torch.Tensor], source: str, prefix: str = "") -> int:
+def _load_matching(net: SegmentationNet, sd: dict[str, torch.Tensor], source: str, prefix: str = "") -> str:
     own = net.state_dict()
     matched = {}
     for k, v in sd.items():
@@ -183,7 +183,7 @@ def _load_matching(net: SegmentationNet, sd: dict[str, torch.Tensor], source: st
         raise EmsegError(f"{source}: no weights match this network ({net.spec['arch']} / {net.spec['encoder']})")
     own.update(matched)
     net.load_state_dict(own)
-    return len(matched)
+    return f"{len(matched)} of {len(own)} tensors"  # fewer: another decoder, say, and only the encoder loads
 
 
 def initialise(net: SegmentationNet, init: InitParams) -> str:
@@ -194,7 +194,7 @@ def initialise(net: SegmentationNet, init: InitParams) -> str:
         if not init.path:
             raise ConfigError("params.yaml: train.init.path: required when train.init.mode is 'checkpoint'")
         n = _load_matching(net, _state_dict_from(_safe_load(init.path), init.path), init.path)
-        return f"checkpoint:{init.path} ({n} tensors)"
+        return f"checkpoint:{init.path} ({n})"
     if init.mode == "imagenet":
         if not init.path:
             raise ConfigError(
@@ -205,7 +205,7 @@ def initialise(net: SegmentationNet, init: InitParams) -> str:
                              "copy the file there from a connected machine)")
         blob = _safe_load(Path(init.path).expanduser())
         n = _load_matching(net, _state_dict_from(blob, init.path), init.path, prefix="net.encoder.")
-        return f"imagenet:{Path(init.path).name} ({n} tensors)"
+        return f"imagenet:{Path(init.path).name} ({n})"
     if init.mode == "registry":
         if not init.uri:
             raise ConfigError("params.yaml: train.init.uri: required (models:/NAME@ALIAS) when train.init.mode is "
@@ -214,5 +214,5 @@ def initialise(net: SegmentationNet, init: InitParams) -> str:
             raise EmsegError(f"train.init.uri {init.uri}: the registry version's weights were not fetched to a local "
                              "file (start training through emseg train, tune or the pipelines)")
         n = _load_matching(net, _state_dict_from(_safe_load(init.path), init.uri), init.uri)
-        return f"registry:{init.uri} ({n} tensors)"
+        return f"registry:{init.uri} ({n})"
     raise ConfigError(f"params.yaml: train.init.mode: unknown mode {init.mode!r}")
