@@ -87,6 +87,42 @@ def test_intensity_transforms_touch_the_image_only(epfl_labels):
     assert torch.isfinite(ax).all()
 
 
+def test_unlabelled_patches_are_crops_of_the_pool_and_augmented_with_their_own_draws(epfl_labels):
+    from emseg.data.device_patches import DevicePatchStream, DeviceUnlabelledSampler
+
+    pool = _coded(epfl_labels)  # three "unlabelled" slices whose pixels say where they are
+    sampler = DeviceUnlabelledSampler(pool, 64, seed=3)
+    u = sampler.sample(64)
+    assert u.shape == (64, 3, 64, 64) and u.dtype == torch.float32
+    corners = set()
+    for img in u.numpy():
+        s, rest = divmod(int(img[0, 0, 0]), 1_000_000)
+        y0, x0 = divmod(rest, 1000)
+        corners.add((s, y0, x0))
+        assert np.array_equal(img, pool[s, :, y0:y0 + 64, x0:x0 + 64])
+    assert len(corners) > 40 and {c[0] for c in corners} == {0, 1, 2}  # anywhere, on every slice
+
+    flips = AugmentParams(flip=0.5, rotate90=0, elastic=0, brightness_contrast=0, gamma=0, noise=0, blur=0)
+    labelled = DevicePatchSampler(_coded(epfl_labels), epfl_labels, 64, seed=4)
+    stream = DevicePatchStream(labelled, flips, 32, 8, DeviceUnlabelledSampler(pool, 64, seed=5))
+    stream.set_epoch(0)
+    batches = list(stream)
+    assert len(batches) == 4 and all(len(b) == 3 for b in batches)
+    flipped = 0
+    for _, _, ub in batches:
+        for img in ub.numpy():
+            # The crop's top-left pixel holds the smallest code, wherever a flip has moved it.
+            s, rest = divmod(int(min(img[0, 0, 0], img[0, 0, -1], img[0, -1, 0], img[0, -1, -1])), 1_000_000)
+            y0, x0 = divmod(rest, 1000)
+            crop = pool[s, :, y0:y0 + 64, x0:x0 + 64]
+            assert any(np.array_equal(img, c) for c in (crop, crop[..., ::-1], crop[:, ::-1], crop[:, ::-1, ::-1]))
+            flipped += not np.array_equal(img, crop)
+    assert 0 < flipped < 32  # augmented, each patch with its own draw
+    stream.set_epoch(0)
+    again = list(stream)
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(batches, again))  # the epoch's draws repeat
+
+
 def test_training_draws_its_batches_from_the_device_stream(epfl_labels, tmp_path):
     """`train.device_patches: on` trains from DevicePatchStream batches (here on the CPU) in the real fit."""
     from lightning.pytorch.callbacks import Callback

@@ -71,8 +71,6 @@ def test_unlabelled_slices_are_the_stacks_own_images_away_from_held_out_slices(c
 def test_semi_settings_are_checked(crop, tmp_path):
     with pytest.raises(ConfigError, match="train.semi.weight: 1 needs unlabelled slices"):
         parse_params({"train": {"semi": {"weight": 1.0}}})
-    with pytest.raises(ConfigError, match="train.device_patches: auto or off"):
-        parse_params({"data": {"unlabelled_slices": 4}, "train": {"semi": {"weight": 1.0}, "device_patches": "on"}})
     too_many = parse_params({**_params(crop), "data": {**_params(crop)["data"], "unlabelled_slices": 30}})
     fetch_raw(too_many.data, tmp_path / "raw")
     with pytest.raises(ConfigError, match="data.unlabelled_slices: 30 asked, but only"):
@@ -172,3 +170,27 @@ def test_mean_teacher_trains_on_epfl_and_the_teacher_averages_the_student(crop, 
     assert max(diffs) > 0
     # What fit returns is the network alone, loadable like any other.
     assert not any(k.startswith("teacher") for k in res.net.state_dict())
+
+
+def test_semi_on_device_patches_pairs_each_batch_with_unlabelled_patches_of_the_pool(crop, tmp_path):
+    """`train.device_patches: on` with train.semi (here on the CPU, as on a GPU): each training batch is
+    (image, label, unlabelled image), cut on the device, and the consistency loss trains on it."""
+    from lightning.pytorch.callbacks import Callback
+
+    from emseg.data.device_patches import DevicePatchStream
+    from emseg.model.train import fit
+
+    seen = []
+
+    class Batches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((type(trainer.datamodule.train_set), [tuple(t.shape) for t in batch]))
+
+    raw = _params(crop, weight=1.0, rampup_epochs=0)
+    raw["train"].update(device_patches="on", max_epochs=2, patches_per_epoch=16)
+    res = fit(parse_params(raw), crop["dir"] / "prep", tmp_path / "work", lr=0.003, batch_size=4, progress=False,
+              checkpoints=False, callbacks=[Batches()])
+    assert res.epochs == 2 and len(seen) == 2 * 16 // 4
+    assert all(kind is DevicePatchStream and shapes == [(4, 1, 96, 96), (4, 1, 96, 96), (4, 1, 96, 96)]
+               for kind, shapes in seen)
+    assert all(r["train_consistency"] > 0 for r in res.history)

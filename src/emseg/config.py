@@ -417,9 +417,6 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS) -> Params:
     if params.train.semi.weight > 0 and params.data.unlabelled_slices == 0:
         raise ConfigError(f"{source}: train.semi.weight: {params.train.semi.weight:g} needs unlabelled slices to "
                           "learn from; set data.unlabelled_slices (e.g. 24), or train.semi.weight: 0")
-    if params.train.semi.weight > 0 and params.train.device_patches == "on":
-        raise ConfigError(f"{source}: train.semi: unlabelled patches are cut by the CPU loader so far; set "
-                          "train.device_patches: auto or off with it")
     scaled = params.train.patch_size * params.model.input_scale
     if scaled < 32:
         raise ConfigError(f"{source}: train.patch_size: {params.train.patch_size} px at model.input_scale "

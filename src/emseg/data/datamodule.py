@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from emseg import IGNORE
 from emseg.config import TrainParams
 from emseg.data.augment import Augmenter
-from emseg.data.device_patches import DevicePatchSampler, DevicePatchStream
+from emseg.data.device_patches import DevicePatchSampler, DevicePatchStream, DeviceUnlabelledSampler
 from emseg.data.patches import MixedPatches, PatchDataset, SliceDataset, UnlabelledPatches, WithUnlabelled, pad_crops
 from emseg.data.prepare import load_split, load_unlabelled
 from emseg.errors import ConfigError
@@ -65,8 +65,15 @@ class EMDataModule(L.LightningDataModule):
         device = self._device() if extra is None else None
         if device is not None:
             sampler = DevicePatchSampler(x, y, cfg.patch_size, cfg.foreground_bias, device, self.seed)
-            self.train_set = DevicePatchStream(sampler, cfg.augment, cfg.patches_per_epoch, self.batch_size)
-        elif extra is None:
+            unlabelled = None
+            if cfg.semi.weight > 0:  # the unlabelled slices live on the device too
+                unlabelled = DeviceUnlabelledSampler(self._unlabelled_pool(), cfg.patch_size, device,
+                                                     self.seed + 7919)
+            self.train_set = DevicePatchStream(sampler, cfg.augment, cfg.patches_per_epoch, self.batch_size,
+                                               unlabelled)
+            self.val_set = SliceDataset(vx, vy)
+            return
+        if extra is None:
             self.train_set = PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch, cfg.foreground_bias, aug,
                                           self.seed)
         else:
@@ -83,15 +90,20 @@ class EMDataModule(L.LightningDataModule):
         if cfg.semi.weight > 0:
             self._join_unlabelled(aug)
 
-    def _join_unlabelled(self, aug: Augmenter) -> None:
-        """train.semi: every labelled patch gets an unlabelled partner from the prepared unlabelled slices."""
-        cfg = self.cfg
+    def _unlabelled_pool(self):
+        """The prepared unlabelled slices (train.semi), or one clear error where there are none."""
         pool = None if isinstance(self.data, ArraySplits) else load_unlabelled(Path(self.data))
         if pool is None:
             where = "the caller's arrays" if isinstance(self.data, ArraySplits) else str(self.data)
-            raise ConfigError(f"params.yaml: train.semi.weight: {cfg.semi.weight:g}, but {where} hold no unlabelled "
-                              "slices; set data.unlabelled_slices and prepare again (dvc repro)")
-        unlabelled = UnlabelledPatches(pool, cfg.patch_size, len(self.train_set), aug, self.seed + 7919)
+            raise ConfigError(f"params.yaml: train.semi.weight: {self.cfg.semi.weight:g}, but {where} hold no "
+                              "unlabelled slices; set data.unlabelled_slices and prepare again (dvc repro)")
+        return pool
+
+    def _join_unlabelled(self, aug: Augmenter) -> None:
+        """train.semi: every labelled patch gets an unlabelled partner from the prepared unlabelled slices."""
+        cfg = self.cfg
+        unlabelled = UnlabelledPatches(self._unlabelled_pool(), cfg.patch_size, len(self.train_set), aug,
+                                       self.seed + 7919)
         self.train_set = WithUnlabelled(self.train_set, unlabelled)
 
     def _device(self) -> str | None:
@@ -99,8 +111,7 @@ class EMDataModule(L.LightningDataModule):
         import torch
 
         gpu = torch.cuda.is_available() and self.cfg.accelerator in ("auto", "gpu", "cuda")
-        on_cpu = not gpu or self.cfg.semi.weight > 0  # unlabelled patches come from the CPU loader so far
-        if self.cfg.device_patches == "off" or (self.cfg.device_patches == "auto" and on_cpu):
+        if self.cfg.device_patches == "off" or (self.cfg.device_patches == "auto" and not gpu):
             return None
         if self._ranks()[1] > 1:  # each rank would draw the same batches: the CPU path splits them by rank
             return None

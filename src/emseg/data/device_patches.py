@@ -1,6 +1,7 @@
 """Patches cut and augmented where the network trains (a GPU), so the CPU loader never sets the pace.
 
-The labelled slices (and their z neighbours) are copied to the device once. Each step draws a whole
+The labelled slices (and their z neighbours), and for ``train.semi`` the unlabelled ones, are copied
+to the device once. Each step draws a whole
 batch there: crop corners (a share ``foreground_bias`` centred near a labelled foreground pixel, as
 :class:`emseg.data.patches.PatchDataset` does), then flips, 90-degree rotations, an elastic warp and
 intensity changes applied to the batch at once. Geometric transforms move image and mask together
@@ -83,6 +84,32 @@ class DevicePatchSampler:
         img = self.x[s[:, None, None], :, rows, cols]            # (B, p, p, C)
         lab = self.y[s[:, None, None], rows, cols]               # (B, p, p)
         return img.permute(0, 3, 1, 2).contiguous(), lab[:, None].long()
+
+
+class DeviceUnlabelledSampler:
+    """Random patches of the unlabelled slices (train.semi), drawn on ``device`` a batch at a time, as
+    :class:`emseg.data.patches.UnlabelledPatches` does on the CPU: any slice, any corner.
+
+    ``images``: (n, H, W) or (n, k, H, W)."""
+
+    def __init__(self, images, patch_size: int, device="cpu", seed: int = 0):
+        self.x = _as_nchw(images).to(device)
+        h, w = self.x.shape[-2:]
+        check_patch_fits(patch_size, h, w)
+        self.patch, self.device, self.seed = patch_size, torch.device(device), seed
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """Images (B, C, p, p) float32 on the device."""
+        p, dev = self.patch, self.device
+        n, h, w = len(self.x), *self.x.shape[-2:]
+        s = torch.randint(n, (batch,), generator=self.gen, device=dev)
+        y0 = torch.randint(h - p + 1, (batch,), generator=self.gen, device=dev)
+        x0 = torch.randint(w - p + 1, (batch,), generator=self.gen, device=dev)
+        ar = torch.arange(p, device=dev)
+        rows = (y0[:, None] + ar)[:, :, None]
+        cols = (x0[:, None] + ar)[:, None, :]
+        return self.x[s[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def _per_sample(batch: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
@@ -173,14 +200,20 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: AugmentParams,
 
 class DevicePatchStream(IterableDataset):
     """One epoch of ready batches on the device: ``length`` patches in batches of ``batch_size``, each
-    cut and augmented there. Used with ``DataLoader(batch_size=None, num_workers=0)``."""
+    cut and augmented there; with an ``unlabelled`` sampler (train.semi) each batch also carries as many
+    unlabelled patches, augmented the same way: (image, label, unlabelled image), as the CPU loader's
+    :class:`~emseg.data.patches.WithUnlabelled` gives. Used with ``DataLoader(batch_size=None, num_workers=0)``."""
 
-    def __init__(self, sampler: DevicePatchSampler, cfg: AugmentParams, length: int, batch_size: int):
+    def __init__(self, sampler: DevicePatchSampler, cfg: AugmentParams, length: int, batch_size: int,
+                 unlabelled: DeviceUnlabelledSampler | None = None):
         self.sampler, self.cfg, self.length, self.batch_size = sampler, cfg, length, batch_size
+        self.unlabelled = unlabelled
 
     def set_epoch(self, epoch: int) -> None:
         """Each epoch's patches follow from (seed, epoch): a resumed run draws what it would have drawn."""
         self.sampler.gen.manual_seed(self.sampler.seed * 1_000_003 + epoch)
+        if self.unlabelled is not None:
+            self.unlabelled.gen.manual_seed(self.unlabelled.seed * 1_000_003 + epoch)
 
     def __len__(self) -> int:
         return max(1, self.length // self.batch_size)
@@ -188,4 +221,10 @@ class DevicePatchStream(IterableDataset):
     def __iter__(self):
         for _ in range(len(self)):
             x, y = self.sampler.sample(self.batch_size)
-            yield augment_batch(x, y, self.cfg, self.sampler.gen)
+            x, y = augment_batch(x, y, self.cfg, self.sampler.gen)
+            if self.unlabelled is None:
+                yield x, y
+                continue
+            u = self.unlabelled.sample(self.batch_size)
+            blank = torch.zeros((len(u), 1, *u.shape[-2:]), dtype=torch.uint8, device=u.device)
+            yield x, y, augment_batch(u, blank, self.cfg, self.unlabelled.gen)[0]
