@@ -23,7 +23,7 @@ from emseg.data.patches import check_patch_fits, pixel_pools
 
 
 def _as_nchw(images) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    x = torch.from_numpy(np.array(images, dtype=np.float32))  # a copy: prepared inputs are read-only memmaps
     return x[:, None] if x.ndim == 3 else x
 
 
