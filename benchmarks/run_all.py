@@ -1,8 +1,8 @@
 """`make bench`: run every benchmark in turn; results land in bench-results/*.json (see docs/benchmarks.md).
 
-`make bench` runs them all (about 3 hours on a 2-core CPU, most of it the active-learning and
-learning-curve profiles; bench_gpu_train.py is left out: it needs a GPU machine); `python benchmarks/run_all.py NAME...`
-runs those whose file name contains one of the NAMEs.
+`make bench` runs them all (about 4.5 hours on a 2-core CPU, most of it the learning curves, the
+defaults, the EPFL profile, blockwise and active learning; bench_gpu_train.py is left out: it needs a GPU
+machine); `python benchmarks/run_all.py NAME...` runs those whose file name contains one of the NAMEs.
 """
 
 import subprocess
