@@ -71,9 +71,7 @@ class EMDataModule(L.LightningDataModule):
                                                      self.seed + 7919)
             self.train_set = DevicePatchStream(sampler, cfg.augment, cfg.patches_per_epoch, self.batch_size,
                                                unlabelled)
-            self.val_set = SliceDataset(vx, vy)
-            return
-        if extra is None:
+        elif extra is None:
             self.train_set = PatchDataset(x, y, cfg.patch_size, cfg.patches_per_epoch, cfg.foreground_bias, aug,
                                           self.seed)
         else:
@@ -87,7 +85,7 @@ class EMDataModule(L.LightningDataModule):
                              self.seed),
                 PatchDataset(ex, ey, cfg.patch_size, n_extra, cfg.foreground_bias, aug, self.seed + 1)])
         self.val_set = SliceDataset(vx, vy)
-        if cfg.semi.weight > 0:
+        if cfg.semi.weight > 0 and device is None:  # the device stream carries its unlabelled patches itself
             self._join_unlabelled(aug)
 
     def _unlabelled_pool(self):

@@ -27,6 +27,17 @@ def _as_nchw(images) -> torch.Tensor:
     return x[:, None] if x.ndim == 3 else x
 
 
+def _windows(y0: torch.Tensor, x0: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices, (B, p, 1) and (B, 1, p), of the p x p windows with corners (y0, x0)."""
+    ar = torch.arange(p, device=y0.device)
+    return (y0[:, None] + ar)[:, :, None], (x0[:, None] + ar)[:, None, :]
+
+
+def _crops(x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Windows of slices ``s`` of ``x`` (n, C, H, W) as a batch (B, C, p, p)."""
+    return x[s[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()  # gathered as (B, p, p, C)
+
+
 class DevicePatchSampler:
     """Random (image, label) patches of the labelled slices, drawn on ``device`` a batch at a time.
 
@@ -78,12 +89,9 @@ class DevicePatchSampler:
                 if pool is None or not sel.any():
                     continue
                 y0[sel], x0[sel] = self._near(pool, int(sel.sum()))
-        ar = torch.arange(p, device=dev)
-        rows = (y0[:, None] + ar)[:, :, None]   # (B, p, 1)
-        cols = (x0[:, None] + ar)[:, None, :]   # (B, 1, p)
-        img = self.x[s[:, None, None], :, rows, cols]            # (B, p, p, C)
+        rows, cols = _windows(y0, x0, p)
         lab = self.y[s[:, None, None], rows, cols]               # (B, p, p)
-        return img.permute(0, 3, 1, 2).contiguous(), lab[:, None].long()
+        return _crops(self.x, s, rows, cols), lab[:, None].long()
 
 
 class DeviceUnlabelledSampler:
@@ -106,10 +114,7 @@ class DeviceUnlabelledSampler:
         s = torch.randint(n, (batch,), generator=self.gen, device=dev)
         y0 = torch.randint(h - p + 1, (batch,), generator=self.gen, device=dev)
         x0 = torch.randint(w - p + 1, (batch,), generator=self.gen, device=dev)
-        ar = torch.arange(p, device=dev)
-        rows = (y0[:, None] + ar)[:, :, None]
-        cols = (x0[:, None] + ar)[:, None, :]
-        return self.x[s[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+        return _crops(self.x, s, *_windows(y0, x0, p))
 
 
 def _per_sample(batch: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
