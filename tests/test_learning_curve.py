@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ISBI, VNC, epfl_project, mlflow_client, run_cli
+from conftest import EPFL, ISBI, VNC, epfl_project, mlflow_client, run_cli
 
 
 TINY_LC = {
@@ -47,20 +47,99 @@ def test_pretrain_then_learning_curve_through_dvc(tmp_path, shared):
 
     rows = list(csv.DictReader(open(proj / "reports/learning_curve/points.csv")))
     assert len(rows) == 2 * 2 * 2
-    assert {int(r["slices"]) for r in rows} == {4, 163}  # all = 165 training slices minus 2 for validation
+    # all = 165 training slices minus the 2 validation ones (0, 164) and their neighbours within data.min_gap 2
+    assert {int(r["slices"]) for r in rows} == {4, 161}
     assert {r["init"] for r in rows} == {"scratch", "pretrained"}
     # Each point says how long it trained and what stopped it (here the 1-epoch cap, on purpose).
     assert {(r["epochs"], r["stopped_by"]) for r in rows} == {("1", "epoch cap")}
     summary = json.loads((proj / "reports/learning_curve/summary.json").read_text())
-    assert summary["counts"] == [4, 163] and len(summary["table"]) == 4
+    assert summary["counts"] == [4, 161] and len(summary["table"]) == 4
     assert "| pretrained | 4 |" in (proj / "reports/learning_curve/table.md").read_text()
     assert (proj / "reports/learning_curve/curves.png").stat().st_size > 10_000
     exp = client.get_experiment_by_name("emseg-learning-curve")
     runs = [r for r in client.search_runs([exp.experiment_id], max_results=200) if "labelled_slices" in r.data.tags]
     assert len(runs) == 8 and all("test_iou" in r.data.metrics for r in runs)
     assert {(r.data.tags["init"], r.data.tags["labelled_slices"], r.data.tags["seed"]) for r in runs} == {
-        (i, n, s) for i in ("scratch", "pretrained") for n in ("4", "163") for s in ("0", "1")}
+        (i, n, s) for i in ("scratch", "pretrained") for n in ("4", "161") for s in ("0", "1")}
     assert "up to date" in run_cli(["dvc", "status", "pipelines/learning_curve/dvc.yaml"], proj, check=True).stdout
+
+
+OPTIONS_LC = {
+    "model": {"decoder_channels": [64, 32, 16, 16, 8]},
+    "ssl": {"max_epochs": 2, "patches_per_epoch": 16, "batch_size": 4},
+    "learning_curve": {"source": "epfl", "scale": 0.25, "slice_counts": [2], "seeds": [0],
+                       "inits": ["scratch", "ssl"], "options": ["plain", "z_context", "semi"], "z_context": 3,
+                       "semi": {"weight": 1.0, "rampup_epochs": 0}, "unlabelled_slices": 6,
+                       "max_epochs": 1, "patience": 1, "patches_per_epoch": 8, "patch_size": 64, "batch_size": 4,
+                       "test_slices": 3},
+}
+
+
+@pytest.mark.slow
+def test_learning_curve_options_ssl_init_z_context_and_semi_on_epfl(tmp_path, shared):
+    """Every init (scratch, ssl pretrained on the pool without labels) with every option (plain, 2.5D,
+    semi), on the same training slices, each paired with its plain init in the summary."""
+    proj = epfl_project(tmp_path, OPTIONS_LC)
+    proc = run_cli(["emseg", "learning-curve"], proj, check=True)
+    assert "learning-curve: 6 runs on epfl (scratch, ssl x plain, z_context, semi x [2] slices" in proc.stdout
+    rows = list(csv.DictReader(open(proj / "reports/learning_curve/points.csv")))
+    names = ["scratch", "scratch+z_context", "scratch+semi", "ssl", "ssl+z_context", "ssl+semi"]
+    assert [r["init"] for r in rows] == names
+    summary = json.loads((proj / "reports/learning_curve/summary.json").read_text())
+    # The ssl init was pretrained, without labels, on the pool: its restoration error fell.
+    ssl = summary["ssl"]
+    assert ssl["ssl_epochs"] == 2 and ssl["ssl_val_masked_mse"] < ssl["ssl_val_masked_mse_before"]
+    assert ssl["ssl_slices"] == 161 - 2  # the pool less its 2 slices for the ssl validation loss
+    paired = summary["options_vs_plain"]
+    assert set(paired) == {"scratch+z_context", "scratch+semi", "ssl+z_context", "ssl+semi"}
+    assert paired["ssl+semi"]["against"] == "ssl" and paired["ssl+semi"]["by_slices"]["2"]["n"] == 1
+    d = paired["scratch+z_context"]["by_slices"]["2"]["mean_diff"]
+    by = {r["init"]: float(r["test_iou"]) for r in rows}
+    assert d == pytest.approx(by["scratch+z_context"] - by["scratch"], abs=2e-4)
+    assert "Each option against its plain init" in (proj / "reports/learning_curve/table.md").read_text()
+    client = mlflow_client(proj)
+    exp = client.get_experiment_by_name("emseg-learning-curve")
+    runs = {r.data.tags["init"] + ("" if r.data.tags["option"] == "plain" else "+" + r.data.tags["option"]): r
+            for r in client.search_runs([exp.experiment_id], max_results=50) if "option" in r.data.tags}
+    assert sorted(runs) == sorted(names)
+    # 2.5D runs took 3 slices per input; only semi runs had unlabelled slices and a consistency loss.
+    assert {n: runs[n].data.params["z_context"] for n in names} == {
+        n: "3" if "z_context" in n else "1" for n in names}
+    assert {n: runs[n].data.params["unlabelled_slices"] for n in names} == {
+        n: "6" if "semi" in n else "0" for n in names}
+    assert {n for n in names if "train_consistency" in runs[n].data.metrics} == {"scratch+semi", "ssl+semi"}
+    assert all(runs[n].data.params["train_slices"] == runs["scratch"].data.params["train_slices"] for n in names)
+
+
+def test_learning_curve_targets_hold_neighbours_reflected_at_the_ends(shared):
+    """The test slices come with their z neighbours (the stack's ends reflected); the middle one is the
+    slice itself, as loaded on its own; no training slice lies within data.min_gap of validation."""
+    from emseg.config import parse_params
+    from emseg.data.stacks import evenly, load_labelled
+    from emseg.learning_curve import load_target, with_neighbours
+
+    stack = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    assert with_neighbours(stack, [0, 2, 4], 3)[:, :, 0, 0].tolist() == [[1, 0, 1], [1, 2, 3], [3, 4, 3]]
+    params = parse_params({"data": {"epfl": {"mirrors": [str(EPFL)]}},
+                           "learning_curve": {"source": "epfl", "scale": 0.25, "test_slices": 3,
+                                              "options": ["plain", "z_context"], "z_context": 3}})
+    source, x, y, val_idx, pool, tx, ty = load_target(params)
+    zs = evenly(82, 3)
+    assert source == "epfl" and tx.shape == (3, 3, 192, 256) and ty.shape == (3, 192, 256)
+    img, lab = EPFL / "testing.tif", EPFL / "testing_groundtruth.tif"
+    alone, labels, _ = load_labelled(img, lab, zs, scale=0.25)
+    np.testing.assert_array_equal(tx[:, 1], alone)
+    np.testing.assert_array_equal(ty, labels)
+    above, _, _ = load_labelled(img, lab, [1, zs[1] - 1, zs[2] - 1], scale=0.25)
+    below, _, _ = load_labelled(img, lab, [1, zs[1] + 1, zs[2] - 1], scale=0.25)  # 0 and 81: reflected
+    np.testing.assert_array_equal(tx[:, 0], above)
+    np.testing.assert_array_equal(tx[:, 2], below)
+    assert val_idx == [0, 164] and pool == list(range(2, 163))
+    # Without the option, the inputs are single slices, (n, 1, H, W): the same middle slices.
+    plain = load_target(parse_params({"data": {"epfl": {"mirrors": [str(EPFL)]}}, "learning_curve": {
+        "source": "epfl", "scale": 0.25, "test_slices": 3}}))[5]
+    assert plain.shape == (3, 1, 192, 256)
+    np.testing.assert_array_equal(plain[:, 0], alone)
 
 
 def test_fine_tuning_keeps_the_encoder_frozen_for_the_first_epochs(tmp_path):

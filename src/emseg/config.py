@@ -348,7 +348,15 @@ class LearningCurveParams(_Strict):
     source: Literal["auto", "epfl", "generated"] = "auto"  # as active.source
     scale: Annotated[float, Field(gt=0, le=1)] = 0.5  # the target's resampling (match pretrain sources)
     slice_counts: list[Union[PositiveInt, Literal["all"]]] = [1, 4, 12, "all"]
-    inits: list[Literal["scratch", "pretrained"]] = ["scratch", "pretrained"]
+    # scratch; pretrained (pretrained_uri); ssl: self-supervised pretraining (params.yaml's ssl settings)
+    # on the target's own pool, every slice data.min_gap from validation, once per run, no labels
+    inits: list[Literal["scratch", "pretrained", "ssl"]] = ["scratch", "pretrained"]
+    # every init is trained with each option: plain; z_context (2.5D input of z_context slices, the
+    # stack's ends reflected); semi (mean teacher on the pool's unlabelled slices, settings ``semi``)
+    options: list[Literal["plain", "z_context", "semi"]] = ["plain"]
+    z_context: Annotated[int, Field(ge=3, le=15)] = 3  # option z_context (odd)
+    semi: SemiParams = SemiParams(weight=1.0, rampup_epochs=4)  # option semi
+    unlabelled_slices: PositiveInt = 48  # option semi: pool slices that are not labelled, spread evenly
     seeds: list[int] = [0, 1, 2]
     val_slices: PositiveInt = 2
     test_slices: Optional[PositiveInt] = 10  # evenly spaced test slices; null: all
@@ -414,6 +422,16 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS) -> Params:
         raise ConfigError(f"{source}: data.min_gap: {params.data.min_gap} is within the reach of model.z_context "
                           f"{params.model.z_context} (+-{params.model.z_context // 2} slices); expected at least "
                           f"{params.model.z_context // 2 + 1}, so no input sees another split's slices")
+    lc = params.learning_curve
+    if lc.z_context % 2 == 0:
+        raise ConfigError(f"{source}: learning_curve.z_context: {lc.z_context} is even; expected an odd count, "
+                          "e.g. 3 or 5")
+    if "z_context" in lc.options and params.data.min_gap <= lc.z_context // 2:
+        raise ConfigError(f"{source}: data.min_gap: {params.data.min_gap} is within the reach of "
+                          f"learning_curve.z_context {lc.z_context}; expected at least {lc.z_context // 2 + 1}")
+    for key in ("inits", "options"):
+        if not getattr(lc, key):
+            raise ConfigError(f"{source}: learning_curve.{key}: empty; expected at least one entry")
     if params.train.semi.weight > 0 and params.data.unlabelled_slices == 0:
         raise ConfigError(f"{source}: train.semi.weight: {params.train.semi.weight:g} needs unlabelled slices to "
                           "learn from; set data.unlabelled_slices (e.g. 24), or train.semi.weight: 0")

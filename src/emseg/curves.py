@@ -85,7 +85,8 @@ def by_budget(summary: dict) -> list[dict]:
 
 
 def summarise_learning_curve(points: list[dict]) -> tuple[list[dict], dict]:
-    """Learning curves. ``points``: one per run with ``init``, ``slices`` and ``test_iou``. Returns the
+    """Learning curves. ``points``: one per run with ``init`` (``init+option`` for an option other than
+    plain), ``slices`` and ``test_iou``. Returns the
     table (mean, sample sd, min, max per init and slice count, with the mean epochs trained and how many
     runs the epoch cap rather than early stopping ended, when the points say) and the comparisons the
     field reports make:
@@ -119,19 +120,51 @@ def summarise_learning_curve(points: list[dict]) -> tuple[list[dict], dict]:
                      and get[("pretrained", m)]["mean_iou"] >= get[("scratch", n)]["mean_iou"]]
             saved[str(n)] = reach[0] if reach else None
     out["pretrained_slices_to_match_scratch"] = saved
+    out["options_vs_plain"] = paired_against_plain(points)
     out["table"] = table
     return table, out
 
 
+def paired_against_plain(points: list[dict]) -> dict:
+    """For each curve ``init+option``: its test IoU minus that of the plain ``init`` on the same slice
+    count and seed (the same training slices), as mean, sample sd and n of the differences per count."""
+    iou = {(p["init"], p["slices"], p["seed"]): p["test_iou"] for p in points}
+    out: dict = {}
+    for name in dict.fromkeys(p["init"] for p in points):
+        if "+" not in name:
+            continue
+        plain = name.split("+", 1)[0]
+        per_count = {}
+        for n in sorted({p["slices"] for p in points if p["init"] == name}):
+            d = [iou[(name, n, s)] - iou[(plain, n, s)] for (a, m, s) in iou if a == name and m == n
+                 and (plain, n, s) in iou]
+            if d:
+                per_count[str(n)] = {"mean_diff": round(float(np.mean(d)), 4), "sd_diff": _r4(sample_sd(d)),
+                                     "n": len(d)}
+        if per_count:
+            out[name] = {"against": plain, "by_slices": per_count}
+    return out
+
+
 def learning_curve_markdown(table: list[dict]) -> str:
     epochs = all("mean_epochs" in r for r in table)
-    head = "| init | labelled slices | test IoU mean | sd (n-1) | min | max | seeds |"
+    head = "| init (+option) | labelled slices | test IoU mean | sd (n-1) | min | max | seeds |"
     lines = [head + (" epochs (mean) | stopped by the epoch cap |" if epochs else ""),
              "|---" * (7 + 2 * epochs) + "|"]
     for r in table:
         line = (f"| {r['init']} | {r['slices']} | {r['mean_iou']:.3f} | {_sd_text(r['sd_iou'])} | {r['min_iou']:.3f} | "
                 f"{r['max_iou']:.3f} | {r['seeds']} |")
         lines.append(line + (f" {r['mean_epochs']:g} | {r['stopped_by_cap']} of {r['seeds']} |" if epochs else ""))
+    return "\n".join(lines) + "\n"
+
+
+def paired_markdown(paired: dict) -> str:
+    """The options against their plain init (:func:`paired_against_plain`) as a Markdown table."""
+    lines = ["| curve | against | labelled slices | paired difference mean | sd (n-1) | n |", "|---" * 6 + "|"]
+    for name, e in paired.items():
+        for n, d in e["by_slices"].items():
+            lines.append(f"| {name} | {e['against']} | {n} | {d['mean_diff']:+.3f} | {_sd_text(d['sd_diff'])} | "
+                         f"{d['n']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,13 +1,15 @@
-"""Learning curves: test IoU against the number of labelled slices, from scratch and pretrained.
+"""Learning curves: test IoU against the number of labelled slices, per initialisation and option.
 
-For every slice count, initialisation and seed: draw that many training slices at random (seeded)
-from the pool left after the validation slices, train (one MLflow run each, tagged with slices,
-init and seed), score the test slices. The `learning-curve` stage writes the reports.
+For every initialisation (scratch, pretrained, ssl), option (plain, z_context, semi), slice count and
+seed: draw that many training slices at random (seeded) from the pool (every slice data.min_gap from
+the validation slices), train (one MLflow run each, tagged with slices, init, option and seed), score
+the test slices. The `learning-curve` stage writes the reports.
 """
 
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -18,9 +20,12 @@ from emseg.errors import ConfigError
 
 def load_target(params):
     from emseg.data.generate import generate_stack
+    from emseg.data.io import context_indices
     from emseg.data.stacks import evenly, load_labelled, rescale, resolve_source
+    from emseg.data.volumes import eligible_slices
 
     cfg = params.learning_curve
+    k = context_k(cfg)
     source = resolve_source(params, cfg.source)
     if source == "epfl":
         import tifffile
@@ -30,7 +35,13 @@ def load_target(params):
         f = {role: ensure_epfl_file(name, params.data.epfl) for role, name in EPFL_FILES.items()}
         x, y, _ = load_labelled(f["train_image"], f["train_labels"], None, scale=cfg.scale)
         n_test = len(tifffile.TiffFile(f["test_image"]).pages)
-        tx, ty, _ = load_labelled(f["test_image"], f["test_labels"], evenly(n_test, cfg.test_slices), scale=cfg.scale)
+        zs = evenly(n_test, cfg.test_slices)
+        # with their z neighbours (read once each; a stack's own statistics normalise every slice alike)
+        need = sorted({j for z in zs for j in context_indices(z, n_test, k)})
+        cx, cy, _ = load_labelled(f["test_image"], f["test_labels"], need, scale=cfg.scale)
+        row = {z: i for i, z in enumerate(need)}
+        tx = np.stack([cx[[row[j] for j in context_indices(z, n_test, k)]] for z in zs])
+        ty = cy[[row[z] for z in zs]]
     else:
         g = params.data.generated
         img, lab = generate_stack(g.seed, g.slices + g.test_slices, g.height, g.width)
@@ -39,9 +50,23 @@ def load_target(params):
         pairs = [rescale(a, (b > 0).astype(np.uint8), cfg.scale) for a, b in zip(img, lab)]
         xs, ys = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
         x, y, tx, ty = xs[:g.slices], ys[:g.slices], xs[g.slices:], ys[g.slices:]
+        tx = with_neighbours(tx, range(len(tx)), k)
     val_idx = evenly(len(x), cfg.val_slices)
-    pool = [z for z in range(len(x)) if z not in val_idx]
+    pool = eligible_slices(len(x), val_idx, params.data.min_gap)
     return source, x, y, val_idx, pool, tx, ty
+
+
+def with_neighbours(stack, zs, k: int) -> np.ndarray:
+    """Slices ``zs`` of an in-memory ``stack`` (n, H, W) with their z neighbours, (len(zs), k, H, W); the
+    stack's ends reflected (io.context_indices). k 1: (len(zs), 1, H, W)."""
+    from emseg.data.io import context_indices
+
+    return np.stack([stack[context_indices(int(z), len(stack), k)] for z in zs])
+
+
+def context_k(cfg) -> int:
+    """Slices per input the target is loaded with: the z_context option's, else 1."""
+    return cfg.z_context if "z_context" in cfg.options else 1
 
 
 def slice_counts(cfg, n_pool: int) -> list[int]:
@@ -55,52 +80,106 @@ def slice_counts(cfg, n_pool: int) -> list[int]:
     return sorted(set(counts))
 
 
+def arm(init: str, option: str) -> str:
+    """The name of one curve: the init, with the option after a + unless it is plain."""
+    return init if option == "plain" else f"{init}+{option}"
+
+
+def ssl_weights(params, x, val_idx, pool, work: str) -> tuple[str, dict]:
+    """init ssl: a network of params.model pretrained without labels (masked restoration, params.ssl) on
+    the pool's slices, its own validation loss on ssl.val_slices of them; saved under ``work``. Returns
+    the weights' path and what to report (seconds, losses)."""
+    from emseg.data.stacks import evenly
+    from emseg.data.volumes import Volume
+    from emseg.model.network import save_weights
+    from emseg.model.ssl import fit_restoration
+
+    params = derive(params, {"model": {"z_context": 1}, "ssl": {"patch_size": params.learning_curve.patch_size}},
+                    "params.yaml: learning_curve (init ssl, the ssl settings with its patch size)")
+    val_z = [pool[i] for i in evenly(len(pool), params.ssl.val_slices)]
+    train_z = [z for z in pool if z not in val_z]
+
+    def volume(name, zs):
+        return Volume(name, np.asarray(x[zs], np.float16), {z: i for i, z in enumerate(zs)}, len(x), list(zs))
+
+    res = fit_restoration(params, [volume("pool", train_z)], volume("pool-val", val_z), progress=False)
+    path = str(Path(work) / "ssl.pt")
+    save_weights(res.net, path)
+    last = res.history[-1]
+    return path, {"ssl_seconds": round(res.seconds, 1), "ssl_epochs": len(res.history),
+                  "ssl_val_masked_mse_before": round(res.before["val_masked_mse"], 5),
+                  "ssl_val_masked_mse": round(last["val_masked_mse"], 5),
+                  "ssl_val_masked_mse_mean_fill": round(res.mean_fill, 5), "ssl_slices": len(train_z)}
+
+
 def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -> list[dict]:
+    """``weights``: {init: path of its starting weights} for the inits that are not scratch."""
     import mlflow
     from tqdm.auto import tqdm
 
     from emseg.active.loop import pixel_iou
     from emseg.data.datamodule import ArraySplits
+    from emseg.data.stacks import evenly
     from emseg.model.train import fit
 
     cfg = params.learning_curve
+    mid = tx.shape[1] // 2  # tx: (n, k, H, W); plain inputs are the middle slices
     points = []
-    bar = tqdm(total=len(counts) * len(cfg.inits) * len(cfg.seeds), desc="learning curve", unit="run")
-    for init in cfg.inits:
-        for n in counts:
-            for seed in cfg.seeds:
-                chosen = sorted(np.random.default_rng([seed, n]).choice(pool, n, replace=False).tolist())
-                init_p = ({"mode": "checkpoint", "path": str(weights)} if init == "pretrained"
-                          else {"mode": "scratch"})
-                p = derive(params, {"seed": seed, "train": {
-                    "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch,
-                    "batch_size": cfg.batch_size, "lr": cfg.lr, "max_epochs": cfg.max_epochs, "use_tuned": False,
-                    "early_stopping_patience": cfg.patience, "max_minutes": None, "init": init_p,
-                    "semi": {"weight": 0.0},
-                    "freeze_encoder_epochs": cfg.freeze_encoder_epochs if init == "pretrained" else 0,
-                    "encoder_lr_factor": cfg.encoder_lr_factor if init == "pretrained" else 1.0}},
-                    "params.yaml: learning_curve (its settings as train.*)")
-                with tracking.start_run(run_name=f"{init}-{n}sl-seed{seed}",
-                                        tags={"labelled_slices": str(n), "init": init, "seed": str(seed),
-                                              "dataset": source, "emseg.pipeline": "learning_curve"}):
-                    mlflow.log_params({"labelled_slices": n, "init": init, "seed": seed, "max_epochs": cfg.max_epochs,
-                                       "patience": cfg.patience, "lr": cfg.lr, "scale": cfg.scale,
-                                       "train_slices": str(chosen)[:500]})
-                    with tempfile.TemporaryDirectory(prefix="emseg-lc-") as work:
-                        res = fit(p, ArraySplits(x[chosen], y[chosen], x[val_idx], y[val_idx]), work, lr=cfg.lr,
-                                  batch_size=cfg.batch_size, progress=False)
-                    iou = pixel_iou(res.net, tx, ty)  # the best validation epoch's weights (fit restores them)
-                    # 1-based, like ``epochs`` (the count run): best_epoch == epochs means the last one was best
-                    best = max(res.history, key=lambda r: r.get("val_iou", 0.0)) if res.history else None
-                    best_epoch = best["epoch"] + 1 if best else 0
-                    mlflow.log_metrics({"test_iou": iou, "best_val_iou": res.best_score, "train_seconds": res.seconds,
-                                        "epochs": res.epochs, "best_epoch": best_epoch})
-                points.append({"init": init, "slices": n, "seed": seed, "test_iou": round(iou, 4),
-                               "best_val_iou": round(res.best_score, 4), "epochs": res.epochs,
-                               "best_epoch": best_epoch,
-                               "stopped_by": "epoch cap" if res.epochs >= cfg.max_epochs else "early stopping",
-                               "train_seconds": round(res.seconds, 1)})
-                bar.update()
-                bar.set_postfix_str(f"{init} {n} slices seed {seed}: IoU {iou:.3f}")
+    bar = tqdm(total=len(counts) * len(cfg.inits) * len(cfg.options) * len(cfg.seeds), desc="learning curve",
+               unit="run")
+    for n in counts:  # the fewest slices first: every curve's first point is there early
+        for init in cfg.inits:
+            for option in cfg.options:
+                name = arm(init, option)
+                k = cfg.z_context if option == "z_context" else 1
+                for seed in cfg.seeds:
+                    # the same draw for every init and option: paired comparisons
+                    chosen = sorted(np.random.default_rng([seed, n]).choice(pool, n, replace=False).tolist())
+                    tuned = init != "scratch"
+                    unlabelled = None
+                    if option == "semi":
+                        rest = [z for z in pool if z not in chosen]
+                        unlabelled = x[[rest[i] for i in evenly(len(rest), min(cfg.unlabelled_slices, len(rest)))]]
+                    p = derive(params, {"seed": seed, "model": {"z_context": k}, "data": {
+                        "unlabelled_slices": 0 if unlabelled is None else len(unlabelled)}, "train": {
+                        "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch,
+                        "batch_size": cfg.batch_size, "lr": cfg.lr, "max_epochs": cfg.max_epochs,
+                        "use_tuned": False, "early_stopping_patience": cfg.patience, "max_minutes": None,
+                        "init": {"mode": "checkpoint", "path": str(weights[init])} if tuned else {"mode": "scratch"},
+                        "semi": cfg.semi.model_dump() if option == "semi" else {"weight": 0.0},
+                        "freeze_encoder_epochs": cfg.freeze_encoder_epochs if tuned else 0,
+                        "encoder_lr_factor": cfg.encoder_lr_factor if tuned else 1.0}},
+                        "params.yaml: learning_curve (its settings as train.*)")
+                    if k > 1:
+                        xs, vs, test = with_neighbours(x, chosen, k), with_neighbours(x, val_idx, k), tx
+                    else:
+                        xs, vs, test = x[chosen], x[val_idx], tx[:, mid]
+                    with tracking.start_run(run_name=f"{name}-{n}sl-seed{seed}",
+                                            tags={"labelled_slices": str(n), "init": init, "option": option,
+                                                  "seed": str(seed), "dataset": source,
+                                                  "emseg.pipeline": "learning_curve"}):
+                        mlflow.log_params({"labelled_slices": n, "init": init, "option": option, "seed": seed,
+                                           "z_context": k, "max_epochs": cfg.max_epochs, "patience": cfg.patience,
+                                           "lr": cfg.lr, "scale": cfg.scale, "train_slices": str(chosen)[:500],
+                                           "unlabelled_slices": 0 if unlabelled is None else len(unlabelled)})
+                        with tempfile.TemporaryDirectory(prefix="emseg-lc-") as work:
+                            res = fit(p, ArraySplits(xs, y[chosen], vs, y[val_idx], unlabelled=unlabelled), work,
+                                      lr=cfg.lr, batch_size=cfg.batch_size, progress=False)
+                        iou = pixel_iou(res.net, test, ty)  # the best validation epoch's weights (fit restores them)
+                        # 1-based, like ``epochs`` (the count run): best_epoch == epochs means the last one was best
+                        best = max(res.history, key=lambda r: r.get("val_iou", 0.0)) if res.history else None
+                        best_epoch = best["epoch"] + 1 if best else 0
+                        last = res.history[-1] if res.history else {}
+                        mlflow.log_metrics({"test_iou": iou, "best_val_iou": res.best_score,
+                                            "train_seconds": res.seconds, "epochs": res.epochs,
+                                            "best_epoch": best_epoch,
+                                            **{k: last[k] for k in ("train_consistency",) if k in last}})
+                    points.append({"init": name, "slices": n, "seed": seed, "test_iou": round(iou, 4),
+                                   "best_val_iou": round(res.best_score, 4), "epochs": res.epochs,
+                                   "best_epoch": best_epoch,
+                                   "stopped_by": "epoch cap" if res.epochs >= cfg.max_epochs else "early stopping",
+                                   "train_seconds": round(res.seconds, 1)})
+                    bar.update()
+                    bar.set_postfix_str(f"{name} {n} slices seed {seed}: IoU {iou:.3f}")
     bar.close()
     return points

@@ -26,13 +26,14 @@ class ArraySplits:
 
     ``sources``: several (images, labels) training stacks (pretraining on several datasets): each
     gets an equal share of every epoch's patches, whatever its size (balanced sampling), and
-    ``val_sources`` their validation slices."""
+    ``val_sources`` their validation slices. ``unlabelled``: inputs without labels for train.semi."""
 
     def __init__(self, train_images=None, train_labels=None, val_images=None, val_labels=None, *,
-                 sources=None, val_sources=None):
+                 sources=None, val_sources=None, unlabelled=None):
         self.sources = list(sources) if sources else [(train_images, train_labels)]
         self.val_sources = list(val_sources) if val_sources else [(val_images, val_labels)]
         self.train, self.val = self.sources[0], self.val_sources[0]
+        self.unlabelled = unlabelled
 
 
 class EMDataModule(L.LightningDataModule):
@@ -90,7 +91,7 @@ class EMDataModule(L.LightningDataModule):
 
     def _unlabelled_pool(self):
         """The prepared unlabelled slices (train.semi), or one clear error where there are none."""
-        pool = None if isinstance(self.data, ArraySplits) else load_unlabelled(Path(self.data))
+        pool = self.data.unlabelled if isinstance(self.data, ArraySplits) else load_unlabelled(Path(self.data))
         if pool is None:
             where = "the caller's arrays" if isinstance(self.data, ArraySplits) else str(self.data)
             raise ConfigError(f"params.yaml: train.semi.weight: {self.cfg.semi.weight:g}, but {where} hold no "

@@ -1,21 +1,24 @@
-"""Stage `learning-curve` (pipelines/learning_curve): test IoU against labelled slices, scratch vs pretrained.
+"""Stage `learning-curve` (pipelines/learning_curve): test IoU against labelled slices, per init and option.
 
-For every slice count in ``learning_curve.slice_counts`` (``all``: every slice but the validation
-ones), initialisation and seed: draw that many training slices at random (seeded), train, score the
-test slices. Writes reports/learning_curve/: points.csv (every run), table.md and table.csv (mean and
-spread), curves.png, summary.json (the comparisons of the field reports); every point is an MLflow run
-(experiment ``<tracking.experiment>-learning-curve``) tagged with slices, init and seed.
+For every slice count in ``learning_curve.slice_counts`` (``all``: every slice data.min_gap from the
+validation ones), initialisation (scratch, pretrained, ssl), option (plain, z_context, semi) and seed:
+draw that many training slices at random (seeded), train, score the test slices. Writes
+reports/learning_curve/: points.csv (every run), table.md and table.csv (mean and spread, and each
+option against its plain init), curves.png, summary.json (the comparisons of the field reports);
+every point is an MLflow run (experiment ``<tracking.experiment>-learning-curve``) tagged with slices,
+init, option and seed.
 """
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import ExitStack
 
 from emseg import registry, tracking
 from emseg.config import load_params, require_2d
-from emseg.curves import learning_curve_markdown, series, summarise_learning_curve, write_csv
+from emseg.curves import learning_curve_markdown, paired_markdown, series, summarise_learning_curve, write_csv
 from emseg.fsutil import staged_files, write_json
-from emseg.learning_curve import load_target, slice_counts, train_points
+from emseg.learning_curve import load_target, slice_counts, ssl_weights, train_points
 from emseg.paths import LEARNING_CURVE_DIR, PARAMS
 
 
@@ -30,16 +33,34 @@ def run(params_path: str = PARAMS) -> dict:
     counts = slice_counts(cfg, len(pool))
     tracking.configure(params.tracking.model_copy(
         update={"experiment": f"{params.tracking.experiment}-learning-curve"}))
-    with ExitStack() as stack:  # the pretrained weights are fetched once, not per run, and removed at the end
-        weights = (stack.enter_context(registry.fetched_weights(cfg.pretrained_uri))
-                   if "pretrained" in cfg.inits else None)
+    ssl_report = None
+    with ExitStack() as stack:  # starting weights are made or fetched once, not per run, and removed at the end
+        weights = {}
+        if "pretrained" in cfg.inits:
+            weights["pretrained"] = stack.enter_context(registry.fetched_weights(cfg.pretrained_uri))
+        if "ssl" in cfg.inits:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="emseg-lc-ssl-"))
+            with tracking.start_run(run_name="ssl-pool", tags={"emseg.pipeline": "learning_curve", "init": "ssl"}):
+                weights["ssl"], ssl_report = ssl_weights(params, x, val_idx, pool, work)
+                mlflow.log_metrics(ssl_report)
+            r = ssl_report
+            print(f"learning-curve: ssl pretraining on {r['ssl_slices']} unlabelled slices, {r['ssl_seconds']:.0f} s, "
+                  f"masked MSE {r['ssl_val_masked_mse_before']:.3f} -> {r['ssl_val_masked_mse']:.3f} "
+                  f"(mean fill {r['ssl_val_masked_mse_mean_fill']:.3f})")
         points = train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights)
     table, summary = summarise_learning_curve(points)
-    summary["data"] = {"source": source, "scale": cfg.scale, "val_slices": val_idx, "test_slices": len(tx)}
+    summary["data"] = {"source": source, "scale": cfg.scale, "val_slices": val_idx, "test_slices": len(tx),
+                       "pool_slices": len(pool), "min_gap": params.data.min_gap}
+    summary["options"] = list(cfg.options)
+    if ssl_report:
+        summary["ssl"] = ssl_report
     with staged_files(LEARNING_CURVE_DIR) as rep:
         write_csv(rep / "points.csv", points)
         write_csv(rep / "table.csv", table)
-        (rep / "table.md").write_text(learning_curve_markdown(table))
+        paired = summary["options_vs_plain"]
+        (rep / "table.md").write_text(learning_curve_markdown(table) + (
+            "\nEach option against its plain init, same training slices and seed:\n\n" + paired_markdown(paired)
+            if paired else ""))
         plot_mean_band(series(points, "init", "slices"), rep / "curves.png", "labelled training slices",
                        "test foreground IoU", f"{source} at scale {cfg.scale:g}, {len(cfg.seeds)} seeds", log2_x=True)
         write_json(rep / "summary.json", summary)
@@ -48,6 +69,6 @@ def run(params_path: str = PARAMS) -> dict:
                 mlflow.log_artifact(str(rep / f))
     cmp = summary.get("pretrained_4_vs_scratch_12")
     extra = (f"; pretrained@4 {cmp['pretrained_4']:.3f} vs scratch@12 {cmp['scratch_12']:.3f}" if cmp else "")
-    print(f"learning-curve: {len(points)} runs on {source} ({', '.join(cfg.inits)} x {counts} slices x "
-          f"{len(cfg.seeds)} seeds){extra} -> {LEARNING_CURVE_DIR}/table.md")
+    print(f"learning-curve: {len(points)} runs on {source} ({', '.join(cfg.inits)} x {', '.join(cfg.options)} x "
+          f"{counts} slices x {len(cfg.seeds)} seeds){extra} -> {LEARNING_CURVE_DIR}/table.md")
     return summary
