@@ -202,3 +202,17 @@ def test_unfrozen_encoder_trains_in_train_mode_after_the_frozen_epochs(tmp_path)
     by_epoch = {e: (training, grad) for e, training, grad in modes.seen}
     assert by_epoch[0] == (False, False)  # frozen: eval mode, no gradients
     assert by_epoch[1] == (True, True) and by_epoch[2] == (True, True)  # unfrozen after validation: trains
+
+
+@pytest.mark.parametrize("updates, says", [
+    ({"model": {"z_context": 3}}, "model.z_context: 3: the learning curves set 2.5D per curve"),
+    ({"learning_curve": {"z_context": 4}}, "learning_curve.z_context: 4 is even"),
+    ({"learning_curve": {"options": ["plain", "z_context"], "z_context": 5}},
+     "data.min_gap: 2 is within the reach of learning_curve.z_context 5"),
+    ({"learning_curve": {"options": ["plain", "mixup"]}}, "learning_curve.options"),
+])
+def test_learning_curve_refuses_bad_options_in_one_line_before_any_work(tmp_path, updates, says):
+    proj = epfl_project(tmp_path, updates)
+    proc = run_cli(["emseg", "learning-curve"], proj)
+    assert proc.returncode != 0 and says in proc.stderr
+    assert not (proj / "reports/learning_curve").exists() and "Traceback" not in proc.stderr
