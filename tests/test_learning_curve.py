@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -109,6 +110,12 @@ def test_learning_curve_options_ssl_init_z_context_and_semi_on_epfl(tmp_path, sh
         n: "6" if "semi" in n else "0" for n in names}
     assert {n for n in names if "train_consistency" in runs[n].data.metrics} == {"scratch+semi", "ssl+semi"}
     assert all(runs[n].data.params["train_slices"] == runs["scratch"].data.params["train_slices"] for n in names)
+    # The ssl weights start every ssl run whole: each tensor of the network, the first convolution of the
+    # 2.5D one widened from them.
+    for n in ("ssl", "ssl+z_context", "ssl+semi"):
+        loaded = re.search(r"\((\d+) of (\d+) tensors\)", runs[n].data.params["init_loaded"])
+        assert loaded and loaded[1] == loaded[2], runs[n].data.params["init_loaded"]
+    assert runs["scratch"].data.params["init_loaded"].startswith("scratch")
 
 
 def test_learning_curve_targets_hold_neighbours_reflected_at_the_ends(shared):
@@ -210,6 +217,10 @@ def test_unfrozen_encoder_trains_in_train_mode_after_the_frozen_epochs(tmp_path)
     ({"learning_curve": {"options": ["plain", "z_context"], "z_context": 5}},
      "data.min_gap: 2 is within the reach of learning_curve.z_context 5"),
     ({"learning_curve": {"options": ["plain", "mixup"]}}, "learning_curve.options"),
+    ({"learning_curve": {"options": ["semi"]}}, "each option is measured against plain; list plain too"),
+    ({"learning_curve": {"inits": ["scratch", "scratch"]}}, "learning_curve.inits: ['scratch', 'scratch']"),
+    ({"learning_curve": {"source": "epfl", "options": ["plain", "semi"], "slice_counts": [1, "all"]}},
+     "semi needs unlabelled slices, but slice count 161 labels all 161 slices of the pool"),
 ])
 def test_learning_curve_refuses_bad_options_in_one_line_before_any_work(tmp_path, updates, says):
     proj = epfl_project(tmp_path, updates)

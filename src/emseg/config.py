@@ -430,8 +430,12 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS) -> Params:
         raise ConfigError(f"{source}: data.min_gap: {params.data.min_gap} is within the reach of "
                           f"learning_curve.z_context {lc.z_context}; expected at least {lc.z_context // 2 + 1}")
     for key in ("inits", "options"):
-        if not getattr(lc, key):
-            raise ConfigError(f"{source}: learning_curve.{key}: empty; expected at least one entry")
+        values = getattr(lc, key)
+        if not values or len(set(values)) < len(values):
+            raise ConfigError(f"{source}: learning_curve.{key}: {values}: expected at least one entry, each once")
+    if "plain" not in lc.options:
+        raise ConfigError(f"{source}: learning_curve.options: {lc.options}: each option is measured against plain; "
+                          "list plain too")
     if params.train.semi.weight > 0 and params.data.unlabelled_slices == 0:
         raise ConfigError(f"{source}: train.semi.weight: {params.train.semi.weight:g} needs unlabelled slices to "
                           "learn from; set data.unlabelled_slices (e.g. 24), or train.semi.weight: 0")

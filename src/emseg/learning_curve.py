@@ -53,6 +53,8 @@ def load_target(params):
         tx = with_neighbours(tx, range(len(tx)), k)
     val_idx = evenly(len(x), cfg.val_slices)
     pool = eligible_slices(len(x), val_idx, params.data.min_gap)
+    if source != "epfl":  # the generated test slices follow the training ones in one stack: keep the gap there too
+        pool = [z for z in pool if z < len(x) - params.data.min_gap]
     return source, x, y, val_idx, pool, tx, ty
 
 
@@ -85,7 +87,18 @@ def arm(init: str, option: str) -> str:
     return init if option == "plain" else f"{init}+{option}"
 
 
-def ssl_weights(params, x, val_idx, pool, work: str) -> tuple[str, dict]:
+def check_counts(cfg, counts: list[int], n_pool: int, ssl_val: int) -> None:
+    """Refuse, before any training, what would fail after hours of it."""
+    if "semi" in cfg.options and max(counts) >= n_pool:
+        raise ConfigError(f"params.yaml: learning_curve.options: semi needs unlabelled slices, but slice count "
+                          f"{max(counts)} labels all {n_pool} slices of the pool; drop it (or 'all') from "
+                          "learning_curve.slice_counts, or semi from the options")
+    if "ssl" in cfg.inits and n_pool <= ssl_val + 1:
+        raise ConfigError(f"params.yaml: learning_curve.inits: ssl: the pool holds {n_pool} slices, too few to keep "
+                          f"ssl.val_slices {ssl_val} for its validation loss and train on the rest")
+
+
+def ssl_weights(params, x, pool, work: str) -> tuple[str, dict]:
     """init ssl: a network of params.model pretrained without labels (masked restoration, params.ssl) on
     the pool's slices, its own validation loss on ssl.val_slices of them; saved under ``work``. Returns
     the weights' path and what to report (seconds, losses)."""
@@ -165,6 +178,7 @@ def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -
                         with tempfile.TemporaryDirectory(prefix="emseg-lc-") as work:
                             res = fit(p, ArraySplits(xs, y[chosen], vs, y[val_idx], unlabelled=unlabelled), work,
                                       lr=cfg.lr, batch_size=cfg.batch_size, progress=False)
+                        mlflow.log_param("init_loaded", res.init[:500])  # e.g. "checkpoint:... (N of M tensors)"
                         iou = pixel_iou(res.net, test, ty)  # the best validation epoch's weights (fit restores them)
                         # 1-based, like ``epochs`` (the count run): best_epoch == epochs means the last one was best
                         best = max(res.history, key=lambda r: r.get("val_iou", 0.0)) if res.history else None

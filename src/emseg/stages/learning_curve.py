@@ -19,7 +19,7 @@ from emseg.config import load_params
 from emseg.errors import ConfigError
 from emseg.curves import learning_curve_markdown, paired_markdown, series, summarise_learning_curve, write_csv
 from emseg.fsutil import staged_files, write_json
-from emseg.learning_curve import load_target, slice_counts, ssl_weights, train_points
+from emseg.learning_curve import check_counts, load_target, slice_counts, ssl_weights, train_points
 from emseg.paths import LEARNING_CURVE_DIR, PARAMS
 
 
@@ -36,6 +36,7 @@ def run(params_path: str = PARAMS) -> dict:
     cfg = params.learning_curve
     source, x, y, val_idx, pool, tx, ty = load_target(params)
     counts = slice_counts(cfg, len(pool))
+    check_counts(cfg, counts, len(pool), params.ssl.val_slices)
     tracking.configure(params.tracking.model_copy(
         update={"experiment": f"{params.tracking.experiment}-learning-curve"}))
     ssl_report = None
@@ -46,7 +47,7 @@ def run(params_path: str = PARAMS) -> dict:
         if "ssl" in cfg.inits:
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="emseg-lc-ssl-"))
             with tracking.start_run(run_name="ssl-pool", tags={"emseg.pipeline": "learning_curve", "init": "ssl"}):
-                weights["ssl"], ssl_report = ssl_weights(params, x, val_idx, pool, work)
+                weights["ssl"], ssl_report = ssl_weights(params, x, pool, work)
                 mlflow.log_metrics(ssl_report)
             r = ssl_report
             print(f"learning-curve: ssl pretraining on {r['ssl_slices']} unlabelled slices, {r['ssl_seconds']:.0f} s, "
