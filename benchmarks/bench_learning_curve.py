@@ -49,10 +49,12 @@ def main() -> None:
     ap.add_argument("--inits", nargs="+", help="learning_curve.inits (scratch, pretrained, ssl)")
     ap.add_argument("--options", nargs="+", help="learning_curve.options (plain, z_context, semi)")
     ap.add_argument("--counts", nargs="+", help="learning_curve.slice_counts (numbers or all)")
+    ap.add_argument("--patience", type=int, help="learning_curve.patience (epochs without a better validation IoU)")
     ap.add_argument("--name", default="learning_curve_epfl_cpu", help="bench-results/<name>.json")
     a = ap.parse_args()
     overrides = {k: v for k, v in (("inits", a.inits), ("options", a.options),
-                                   ("slice_counts", [c if c == "all" else int(c) for c in a.counts or []]))
+                                   ("slice_counts", [c if c == "all" else int(c) for c in a.counts or []]),
+                                   ("patience", a.patience))
                  if v}
     proj = scratch_project(overrides)
     res = run_measured(["dvc", "repro", "pipelines/learning_curve/dvc.yaml"], proj)
