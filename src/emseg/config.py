@@ -446,11 +446,12 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS) -> Params:
     return params
 
 
-def require_2d(params: Params, what: str, source: str = PARAMS) -> Params:
-    """``params``, unless they ask for 2.5D input (model.z_context > 1), which ``what`` cannot feed yet."""
+def require_2d(params: Params, what: str, source: str = PARAMS, why: str | None = None) -> Params:
+    """``params``, unless they ask for 2.5D input (model.z_context > 1), which ``what`` cannot feed yet;
+    ``why``: the error's own reason and remedy instead of the generic one."""
     if params.model.z_context > 1:
-        raise ConfigError(f"{source}: model.z_context: {params.model.z_context}: {what} feeds single slices only "
-                          "so far; set model.z_context: 1 for it")
+        why = why or f"{what} feeds single slices only so far; set model.z_context: 1 for it"
+        raise ConfigError(f"{source}: model.z_context: {params.model.z_context}: {why}")
     return params
 
 

@@ -136,8 +136,8 @@ def paired_against_plain(points: list[dict]) -> dict:
         plain = name.split("+", 1)[0]
         per_count = {}
         for n in sorted({p["slices"] for p in points if p["init"] == name}):
-            d = [iou[(name, n, s)] - iou[(plain, n, s)] for (a, m, s) in iou if a == name and m == n
-                 and (plain, n, s) in iou]
+            d = [p["test_iou"] - iou[(plain, n, p["seed"])] for p in points
+                 if p["init"] == name and p["slices"] == n and (plain, n, p["seed"]) in iou]
             if d:
                 per_count[str(n)] = {"mean_diff": round(float(np.mean(d)), 4), "sd_diff": _r4(sample_sd(d)),
                                      "n": len(d)}

@@ -152,9 +152,10 @@ def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -
                     unlabelled = None
                     if option == "semi":
                         rest = [z for z in pool if z not in chosen]
-                        unlabelled = x[[rest[i] for i in evenly(len(rest), min(cfg.unlabelled_slices, len(rest)))]]
+                        unlabelled = x[[rest[i] for i in evenly(len(rest), cfg.unlabelled_slices)]]
+                    n_unlabelled = 0 if unlabelled is None else len(unlabelled)
                     p = derive(params, {"seed": seed, "model": {"z_context": k}, "data": {
-                        "unlabelled_slices": 0 if unlabelled is None else len(unlabelled)}, "train": {
+                        "unlabelled_slices": n_unlabelled}, "train": {
                         "patch_size": cfg.patch_size, "patches_per_epoch": cfg.patches_per_epoch,
                         "batch_size": cfg.batch_size, "lr": cfg.lr, "max_epochs": cfg.max_epochs,
                         "use_tuned": False, "early_stopping_patience": cfg.patience, "max_minutes": None,
@@ -174,7 +175,7 @@ def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -
                         mlflow.log_params({"labelled_slices": n, "init": init, "option": option, "seed": seed,
                                            "z_context": k, "max_epochs": cfg.max_epochs, "patience": cfg.patience,
                                            "lr": cfg.lr, "scale": cfg.scale, "train_slices": str(chosen)[:500],
-                                           "unlabelled_slices": 0 if unlabelled is None else len(unlabelled)})
+                                           "unlabelled_slices": n_unlabelled})
                         with tempfile.TemporaryDirectory(prefix="emseg-lc-") as work:
                             res = fit(p, ArraySplits(xs, y[chosen], vs, y[val_idx], unlabelled=unlabelled), work,
                                       lr=cfg.lr, batch_size=cfg.batch_size, progress=False)

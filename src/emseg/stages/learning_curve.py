@@ -15,8 +15,7 @@ import tempfile
 from contextlib import ExitStack
 
 from emseg import registry, tracking
-from emseg.config import load_params
-from emseg.errors import ConfigError
+from emseg.config import load_params, require_2d
 from emseg.curves import learning_curve_markdown, paired_markdown, series, summarise_learning_curve, write_csv
 from emseg.fsutil import staged_files, write_json
 from emseg.learning_curve import check_counts, load_target, slice_counts, ssl_weights, train_points
@@ -28,11 +27,10 @@ def run(params_path: str = PARAMS) -> dict:
 
     from emseg.plots import plot_mean_band
 
-    params = load_params(params_path)
-    if params.model.z_context > 1:  # each curve sets its own input; the pretrained model is 2D
-        raise ConfigError(f"{params_path}: model.z_context: {params.model.z_context}: the learning curves set 2.5D "
-                          "per curve; set model.z_context: 1 and add z_context to learning_curve.options "
-                          "(slices per input: learning_curve.z_context)")
+    # each curve sets its own input; the pretrained model is 2D
+    params = require_2d(load_params(params_path), "the learning curves", params_path, why=(
+        "the learning curves set 2.5D per curve; set model.z_context: 1 and add z_context to learning_curve.options "
+        "(slices per input: learning_curve.z_context)"))
     cfg = params.learning_curve
     source, x, y, val_idx, pool, tx, ty = load_target(params)
     counts = slice_counts(cfg, len(pool))
