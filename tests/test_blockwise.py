@@ -171,6 +171,24 @@ def test_blockwise_equals_the_in_process_path_and_writes_valid_ome_zarr(vol):
     assert same_objects(vol["inst"], fused["root"]["labels/instances/0"][:])
 
 
+def test_z_averaging_is_the_same_in_process_and_across_blocks(vol):
+    """--z-average on: blocks of 2 slices predict their neighbours too, so the blockwise probabilities
+    equal the in-process ones (to 1/255), and both are the plain ones averaged over z (ends mirrored)."""
+    from emseg.inference import z_averaged
+
+    d = vol["dir"]
+    emseg(d, "predict", "--model", "net.pt", "crop.tif", "inproc_z", "--z-average", "on", check=True)
+    emseg(d, "predict", *BLOCKWISE[:-4], "bw_z", "--z-average", "on", check=True)
+    inproc = tifffile.imread(d / "inproc_z" / "probabilities.tif").astype(int)
+    blocks = read_output(d / "bw_z")
+    assert np.abs(blocks["root"]["0"][:].astype(int) - inproc).max() <= 1
+    expected = np.stack(list(z_averaged(vol["prob"].astype(np.float32))))
+    assert np.abs(inproc - expected).max() <= 2  # the plain ones were rounded to 1/255 before averaging
+    assert np.abs(inproc - vol["prob"].astype(int)).max() > 5  # and it is not a no-op
+    assert blocks["summary"]["z_average"] is True
+    assert json.loads((d / "inproc_z" / "summary.json").read_text())["z_average"] is True
+
+
 def test_objects_crossing_blocks_get_one_id_and_match_the_true_3d_objects(tmp_path):
     """The EPFL ground truth as the mask: 3D objects stitched over 2 x 2 blocks (z and x) agree with the
     truth's 3D components, and every true object cut by a block face keeps one id."""

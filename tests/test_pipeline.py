@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -138,6 +139,17 @@ def test_evaluate_and_register_promote_like_for_like_and_a_worse_run_does_not_ta
     champ = client.get_model_version_by_alias("emseg-unet", "champion")
     assert str(champ.version) == "1" and float(champ.tags["test_iou"]) == pytest.approx(metrics["iou"], abs=1e-6)
     assert float(champ.tags["watershed_h"]) == metrics["watershed_h"]
+    # z-averaging (params: evaluate.choose_z_average) was decided on the validation slice with its kept
+    # neighbours, and the weights, the metrics and the version say the same.
+    from emseg.model.network import load_weights
+
+    out = repro_project[1].stdout
+    line = next(ln for ln in out.splitlines() if "evaluate: z-averaging on the validation slices:" in ln)
+    off, on = (float(v) for v in re.findall(r"IoU (\d\.\d+)", line))
+    assert metrics["z_average"] is (on > off) and line.endswith("on" if on > off else "off")
+    assert (proj / "data/prepared/val_context_images.npy").exists()
+    assert load_weights(proj / "models/emseg.pt")[1]["postprocess"]["z_average"] is metrics["z_average"]
+    assert champ.tags["z_average"] == str(metrics["z_average"]).lower()
     run_id = json.loads((proj / "reports/train/run.json").read_text())["run_id"]
     assert client.get_run(run_id).data.metrics["test_iou"] == pytest.approx(metrics["iou"])
     assert "evaluation" in {a.path for a in client.list_artifacts(run_id)}

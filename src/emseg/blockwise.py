@@ -85,6 +85,7 @@ class Job:
     model_sha256: str
     threads: int = 1
     fused: bool = False  # 2D objects in the prediction blocks themselves (same grid): no label pass
+    z_average: bool = False  # each probability averaged with its z neighbours' (evaluate.z_average)
 
     @property
     def image(self) -> Path:
@@ -109,7 +110,8 @@ def estimate_bytes(job: Job) -> int:
     label = zl * yl * xl * BYTES_PER_VOXEL_3D if job.mode == "3d" else zl * yl * xl * 28 + yl * xl * BYTES_PER_VOXEL_2D
     zp, yp, xp = job.predict_grid.block
     tile = job.inference["tile"]
-    predict = (zp + job.z_context) * yp * xp * 12 + tile * tile * 1500 + 400 * 2 ** 20  # data, activations, weights
+    # data (and the two neighbours z-averaging predicts too), activations, weights
+    predict = (zp + job.z_context + 2 * job.z_average) * yp * xp * 12 + tile * tile * 1500 + 400 * 2 ** 20
     return max(label, predict)
 
 
@@ -196,23 +198,26 @@ def _predict(job: Job, b, extra, blob):
     import zarr
 
     from emseg.data.io import context_indices, normalise
-    from emseg.inference import predict_tiled
+    from emseg.inference import predict_tiled, z_average
     from emseg.model.network import channels_last
 
     mean, std = extra
     net = _net(blob, job.model_sha256, job.threads)
     zs, ys, xs = job.predict_grid.core(b)
     n = job.volume.shape[0]
-    want = {z: context_indices(z, n, job.z_context) for z in range(zs.start, zs.stop)}
+    cores = range(zs.start, zs.stop)
+    # z-averaging: the slices next to the block are predicted too (mirrored at the ends of the stack).
+    around = {z: context_indices(z, n, 3) if job.z_average else [z] for z in cores}
+    want = {z: context_indices(z, n, job.z_context) for z in sorted({j for js in around.values() for j in js})}
     needed = sorted({j for js in want.values() for j in js})
     raw = dict(zip(needed, job.volume.read(needed, ys, xs)))
-    probs = []
+    probs = {}
     with channels_last(net, job.inference["channels_last"]):
         for z, js in want.items():
             image = normalise(raw[z], mean, std) if job.z_context == 1 else np.stack(
                 [normalise(raw[j], mean, std) for j in js])
-            probs.append(predict_tiled(net, image, **job.inference))
-    prob = np.stack(probs)
+            probs[z] = predict_tiled(net, image, **job.inference)
+    prob = np.stack([z_average(*(probs[j] for j in around[z])) if job.z_average else probs[z] for z in cores])
     ngff.write_pyramid(job.image, np.round(prob * 255).astype(np.uint8), (zs.start, ys.start, xs.start),
                        job.levels, labels=False)
     mask = (prob > job.threshold).astype(np.uint8)

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a weights .pt file")
     pd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pd.add_argument("--tta", action="store_true", help="average over flips (slower, smoother)")
+    pd.add_argument("--z-average", choices=("on", "off"), default=None, dest="z_average",
+                    help="average each slice's probability with its z neighbours' (weights 1/4, 1/2, 1/4); "
+                         "default: as chosen for the model on validation (evaluate.choose_z_average), else off")
     pd.add_argument("--format", choices=("tiff", "ome-zarr"), default=None, dest="fmt",
                     help="tiff (default for TIFF and folder inputs): probabilities.tif + instances.tif, in one "
                          "process; ome-zarr (default for Zarr and HDF5): blockwise on Dask into a multiscale "
@@ -187,6 +190,9 @@ def _predict(args: argparse.Namespace) -> None:
     threshold = params.train.threshold if params else 0.5
     instances, tta = ev.instances, ev.inference.tta
     post = meta["postprocess"]
+    # z-averaging: the flag, else what the weights carry (a record from before the choice existed: off), else params
+    z_avg = (args.z_average == "on" if args.z_average is not None
+             else bool(post.get("z_average", False)) if "threshold" in post else ev.z_average)
     if "threshold" in post:  # the weights carry what was chosen for them on validation: it wins over params.yaml
         try:
             instances = InstanceParams.model_validate({**ev.instances.model_dump(), **post["instances"]})
@@ -194,7 +200,8 @@ def _predict(args: argparse.Namespace) -> None:
         except (TypeError, ValueError) as exc:
             raise EmsegError(f"{args.model}: its post-processing record is damaged ({exc})") from None
         print(f"predict: threshold {threshold:g}, watershed h={instances.h:g}, flip TTA {'on' if tta else 'off'}, "
-              f"as chosen for {args.model} on {post.get('chosen_on', 'its validation slices')}")
+              f"z-averaging {'on' if z_avg else 'off'}{' (--z-average)' if args.z_average else ''}, as chosen for "
+              f"{args.model} on {post.get('chosen_on', 'its validation slices')}")
     elif post:  # a version registered before its weights carried their post-processing: its tags say
         if ev.instances.h_choices and "instances" in post:  # h was chosen on validation only when h_choices is set
             instances = ev.instances.model_copy(update={"h": post["instances"]["h"]})
@@ -203,12 +210,13 @@ def _predict(args: argparse.Namespace) -> None:
     inference = ev.inference.model_copy(update={"tta": args.tta or tta})
     if fmt == "tiff":
         s = predict_to_folder(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
-                              threshold=threshold, inference=inference, instances=instances)
+                              threshold=threshold, inference=inference, instances=instances, z_average=z_avg)
     else:
         s = predict_blockwise(net, args.input, args.output, overwrite=args.overwrite, model_ref=ref,
                               threshold=threshold, inference=inference, instances=instances,
                               input_key=args.input_key, level=args.level, voxel_size=args.voxel_size,
-                              mode=args.instances, block=args.block, scheduler=args.scheduler, workers=args.workers)
+                              mode=args.instances, block=args.block, scheduler=args.scheduler, workers=args.workers,
+                              z_average=z_avg)
     print(f"predict: {s['shape'][0]} slices of {s['shape'][1]}x{s['shape'][2]}, {s['objects']} objects "
           f"({s.get('instances_mode', '2d')}) -> {args.output}")
 

@@ -238,6 +238,12 @@ class EvaluateParams(_Strict):
     # true: `emseg evaluate` scores the validation slices with and without flip TTA and keeps TTA only
     # where it gives the higher foreground IoU there (never decided on the test slices).
     choose_tta: bool = False
+    # Average each slice's probability with its z neighbours' (weights 1/4, 1/2, 1/4) before the threshold:
+    # for near-isotropic stacks, where a neighbouring slice shows nearly the same objects.
+    z_average: bool = False
+    # true: `emseg evaluate` scores the validation slices with and without z-averaging (prepare keeps their
+    # neighbours) and keeps it only where it gives the higher foreground IoU there.
+    choose_z_average: bool = False
 
 
 class RegisterParams(_Strict):

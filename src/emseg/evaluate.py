@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 
 from emseg import IGNORE
 from emseg.config import EvaluateParams
-from emseg.data.patches import with_context
-from emseg.inference import predict_tiled
+from emseg.data.patches import slices_per_input, with_context
+from emseg.errors import ConfigError
+from emseg.inference import predict_tiled, z_average, z_averaged
 from emseg.instances import connected_instances, instance_scores, match_instances, split_instances, true_instances
 from emseg.metrics import add_counts, confusion, scores
 from emseg.model.network import channels_last
@@ -40,14 +41,42 @@ def _pr_curve(fg_hist: np.ndarray, bg_hist: np.ndarray) -> list[dict]:
     return rows
 
 
-def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool):
+def _window(image, j: int, k: int):
+    """The network input k slices wide starting at slice j of a wider input (K, H, W)."""
+    return image[j] if k == 1 else image[j:j + k]
+
+
+def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool,
+                   runs: list[tuple[int, int]] | None = None):
     """Yield each slice's tiled prediction, with a progress bar; the network's layout is switched
-    once for the stack (``cfg.inference.channels_last``), not once per slice inside predict_tiled."""
+    once for the stack (``cfg.inference.channels_last``), not once per slice inside predict_tiled.
+
+    With ``cfg.z_average`` each probability is averaged with its z neighbours': from the inputs
+    themselves where they hold one slice more on either side than the network takes (the validation
+    inputs of ``load_val_context``: each of the three windows is predicted), else through ``runs`` of
+    consecutive slices (the ends of each run mirrored)."""
     inf = cfg.inference.model_dump()
-    images = with_context(images, int(getattr(net, "spec", {}).get("z_context", 1)))  # a 2D champion on 2.5D data
+    k = int(getattr(net, "spec", {}).get("z_context", 1))
+    wide = cfg.z_average and slices_per_input(images) >= k + 2
+    if cfg.z_average and not wide and runs is None:
+        raise ConfigError(f"evaluate.z_average: these {len(images)} slices are not consecutive and hold no z "
+                          "neighbours: prepare with evaluate.choose_z_average or evaluate.z_average set")
+    if wide:
+        images = with_context(images, k + 2)
+    else:
+        images = with_context(images, k)  # a 2D champion on 2.5D data
     with channels_last(net, cfg.inference.channels_last):
-        for i in tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress):
-            yield predict_tiled(net, images[i], **inf)
+        bar = tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress)
+        if wide:
+            for i in bar:
+                yield z_average(*(predict_tiled(net, _window(images[i], j, k), **inf) for j in range(3)))
+        elif cfg.z_average:
+            it = (predict_tiled(net, images[i], **inf) for i in bar)
+            for a, b in runs:
+                yield from z_averaged(next(it) for _ in range(b - a))
+        else:
+            for i in bar:
+                yield predict_tiled(net, images[i], **inf)
 
 
 def pixel_iou(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5, desc: str = "score",
@@ -69,6 +98,34 @@ def choose_tta(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5,
         rows.append({"tta": tta, "iou": pixel_iou(net, images, labels, c, threshold, f"choose TTA ({tta})", progress)})
     use = rows[1]["iou"] > rows[0]["iou"]
     return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"tta": use})}), rows
+
+
+def choose_z_average(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5,
+                     progress: bool = True) -> tuple[EvaluateParams, list[dict]]:
+    """``cfg`` with z-averaging on when it scores a higher foreground IoU on these (validation) slices
+    than the plain probabilities, else off (a tie keeps plain); and both scores. ``images``: inputs with
+    one neighbour more on either side than the network takes (``load_val_context``)."""
+    rows = [{"z_average": z, "iou": pixel_iou(net, images, labels, cfg.model_copy(update={"z_average": z}),
+                                             threshold, f"choose z-averaging ({z})", progress)}
+            for z in (False, True)]
+    return cfg.model_copy(update={"z_average": rows[1]["iou"] > rows[0]["iou"]}), rows
+
+
+def choose_switches(net, images, labels, cfg: EvaluateParams, threshold: float = 0.5,
+                    progress: bool = True) -> EvaluateParams:
+    """``cfg`` with flip TTA (``cfg.choose_tta``), then z-averaging (``cfg.choose_z_average``) switched on
+    or off by their foreground IoU on these (validation) slices; each choice printed with its scores."""
+    if not len(images):
+        return cfg
+    for flag, choose, key, name in (("choose_tta", choose_tta, "tta", "flip TTA"),
+                                    ("choose_z_average", choose_z_average, "z_average", "z-averaging")):
+        if getattr(cfg, flag):
+            cfg, rows = choose(net, images, labels, cfg, threshold, progress)
+            on = cfg.inference.tta if key == "tta" else cfg.z_average
+            print(f"evaluate: {name} on the validation slices: "
+                  + ", ".join(f"{'on' if r[key] else 'off'} IoU {r['iou']:.4f}" for r in rows)
+                  + f" -> {'on' if on else 'off'}")
+    return cfg
 
 
 def runs_of(indices) -> list[tuple[int, int]]:
@@ -137,7 +194,7 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
     keep_idx = set(np.linspace(0, n - 1, keep).round().astype(int).tolist()) if keep else set()
     examples = []
     masks = np.zeros((n, *np.shape(labels[0])), bool) if objects == "3d" and n else None
-    for i, prob in enumerate(_probabilities(net, images, cfg, "evaluate", progress)):
+    for i, prob in enumerate(_probabilities(net, images, cfg, "evaluate", progress, runs or [(0, n)])):
         lab = np.asarray(labels[i])
         c = confusion(prob > threshold, lab)
         counts = add_counts(counts, c)

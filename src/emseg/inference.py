@@ -7,7 +7,7 @@ Stacks are processed slice by slice and written as they come, so a stack larger 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -104,3 +104,26 @@ def predict_tiled(net: torch.nn.Module, image: np.ndarray, tile: int = 1024, ove
                 acc[y:y + th, xx:xx + tw] += p * win
                 wsum[y:y + th, xx:xx + tw] += win
     return (acc / wsum)[:h, :w]
+
+
+Z_WEIGHTS = (0.25, 0.5, 0.25)  # below, the slice itself, above (`evaluate.z_average`)
+
+
+def z_average(below: np.ndarray, prob: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """One slice's probability averaged with its z neighbours' (weights ``Z_WEIGHTS``)."""
+    a, b, c = Z_WEIGHTS
+    return a * below + b * prob + c * above
+
+
+def z_averaged(probs: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The probabilities of consecutive slices, each averaged with its neighbours in z (``z_average``),
+    as they come: one slice is held back until the next arrives. The ends are mirrored (slice -1 is
+    slice 1, as the z-context of 2.5D inputs); a single slice comes back as it went in."""
+    it = iter(probs)
+    prev, cur = None, next(it, None)
+    if cur is None:
+        return
+    for nxt in it:
+        yield z_average(nxt if prev is None else prev, cur, nxt)
+        prev, cur = cur, nxt
+    yield cur if prev is None else z_average(prev, cur, prev)

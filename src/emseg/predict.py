@@ -23,7 +23,7 @@ from emseg import ngff
 from emseg.config import InferenceParams, InstanceParams
 from emseg.data.io import context_stack, inspect_stack, stack_stats
 from emseg.fsutil import allocated_memmap, atomic_dir, claim_output, output_error, write_json
-from emseg.inference import predict_tiled
+from emseg.inference import predict_tiled, z_averaged
 from emseg.instances import split_instances
 from emseg.model.network import SegmentationNet, channels_last, in_channels, load_weights
 
@@ -57,14 +57,16 @@ def load_model(ref: str) -> tuple[SegmentationNet, str, dict]:
 
 
 def _predicted_slices(net, info, mean: float, std: float, inference, instances, threshold: float, progress: bool,
-                      state: dict):
-    """Yield (probability x 255 as uint8, uint32 instance labels unique through the stack), slice by slice."""
+                      state: dict, z_average: bool = False):
+    """Yield (probability x 255 as uint8, uint32 instance labels unique through the stack), slice by slice;
+    ``z_average``: each probability averaged with its neighbours' in z (one slice held back)."""
     n = info.shape[0]
     # The layout is switched once for the stack, not once per slice inside predict_tiled.
     # Each slice goes in with as many neighbours as the network was trained with (model.z_context).
     with channels_last(net, inference.channels_last):
         normalised = context_stack(info, in_channels(net.spec), mean, std)
-        for prob in predict_stack_iter(net, normalised, progress, n, inference):
+        probs = predict_stack_iter(net, normalised, progress, n, inference)
+        for prob in z_averaged(probs) if z_average else probs:
             labels = split_instances(prob, threshold, instances.min_size, instances.h, instances.smooth)
             k = int(labels.max())
             labels = np.where(labels > 0, labels + np.uint32(state["next_label"]), 0).astype(np.uint32)
@@ -96,7 +98,8 @@ def _write_tiffs(tmp: Path, shape: tuple[int, int, int], pages) -> dict:
 
 def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str | Path, *, overwrite: bool = False,
                       inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
-                      threshold: float = 0.5, model_ref: str = "", progress: bool = True) -> dict:
+                      threshold: float = 0.5, model_ref: str = "", progress: bool = True,
+                      z_average: bool = False) -> dict:
     output = Path(output)
     claim_output(output, overwrite, inputs=[input_path])
     info = inspect_stack(input_path)
@@ -104,12 +107,12 @@ def predict_to_folder(net: SegmentationNet, input_path: str | Path, output: str 
     shape = tuple(info.shape)
     state = {"next_label": 0}
     with atomic_dir(output, marker={"command": "predict"}) as tmp:
-        pages = _predicted_slices(net, info, mean, std, inference, instances, threshold, progress, state)
+        pages = _predicted_slices(net, info, mean, std, inference, instances, threshold, progress, state, z_average)
         outputs = _write_tiffs(tmp, shape, pages)
         summary = {"input": str(input_path), "model": model_ref, "shape": list(shape), "objects": state["next_label"],
                    "slice_files": [f.name for f in info.files] or None,
                    "threshold": threshold, "normalisation": {"mean": mean, "std": std},
-                   "z_context": in_channels(net.spec),
+                   "z_context": in_channels(net.spec), "tta": inference.tta, "z_average": z_average,
                    "instances": instances.model_dump(exclude={"h_choices"}), "outputs": outputs}
         write_json(tmp / "summary.json", summary)
     return summary
@@ -128,7 +131,7 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
                       inference: InferenceParams = InferenceParams(), instances: InstanceParams = InstanceParams(),
                       threshold: float = 0.5, model_ref: str = "", progress: bool = True, input_key=None,
                       level: int = 0, voxel_size=None, mode: str | None = None, block=None,
-                      scheduler: str | None = None, workers: int | None = None) -> dict:
+                      scheduler: str | None = None, workers: int | None = None, z_average: bool = False) -> dict:
     """Predict a volume of any size block by block on Dask into ``output/prediction.ome.zarr`` with
     ``objects.csv`` and ``summary.json`` (see :mod:`emseg.blockwise`); resumes an unfinished run."""
     import shutil
@@ -158,7 +161,7 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
                  label_grid=bw.Grid(shape, bw.parse_block(block, "--block"), (4 if mode == "3d" else 0, 32, 32)),
                  levels=ngff.n_levels(shape), z_context=in_channels(net.spec), inference=inference.model_dump(),
                  threshold=float(threshold), instances=instances.model_dump(include={"min_size", "h", "smooth"}),
-                 mode=mode, model_sha256="", fused=fused)
+                 mode=mode, model_sha256="", fused=fused, z_average=z_average)
     blob, sha = bw.weights_blob(net)
     job = replace(job, model_sha256=sha)
     with dask_client(scheduler, bw.estimate_bytes(job), workers) as client:
@@ -182,6 +185,7 @@ def predict_blockwise(net: SegmentationNet, input_path: str | Path, output: str 
                "voxel_size_nm": list(volume.voxel_size) if volume.voxel_size else None,
                "objects": len(result["objects"]), "instances_mode": mode, "threshold": threshold,
                "normalisation": {"mean": result["mean"], "std": result["std"]}, "z_context": job.z_context,
+               "tta": inference.tta, "z_average": z_average,
                "blocks": {"predict": len(job.predict_grid.blocks()), "objects": len(job.label_grid.blocks()),
                           "block": list(job.label_grid.block), "halo": list(job.label_grid.halo),
                           "matches_across_blocks": result["merged_across_blocks"]},

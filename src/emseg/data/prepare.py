@@ -221,12 +221,15 @@ def _fg_value(lab_info: StackInfo, indices, ignore) -> int:
     return label_mapping(values, lab_info.path, ignore)
 
 
-def prepare(params: DataParams, raw_dir: str | Path, out_dir: str | Path, z_context: int = 1) -> dict:
+def prepare(params: DataParams, raw_dir: str | Path, out_dir: str | Path, z_context: int = 1,
+            val_neighbours: bool = False) -> dict:
     """Validate the raw stacks, pick slices, write normalised arrays and the manifest (all or nothing).
-    ``z_context`` (model.z_context): how many slices each input holds, the labelled one in the middle."""
+    ``z_context`` (model.z_context): how many slices each input holds, the labelled one in the middle.
+    ``val_neighbours``: also ``val_context_images.npy``, each validation input with one more slice on
+    either side (z_context + 2), so that a choice of z-averaging can be made on the validation slices."""
     desc = load_source(raw_dir)
     try:
-        return _prepare(params, Path(raw_dir), Path(out_dir), desc, z_context)
+        return _prepare(params, Path(raw_dir), Path(out_dir), desc, z_context, val_neighbours)
     except DataError as exc:
         # Name the user's own file, not our copy of it under data/raw.
         msg = str(exc)
@@ -237,7 +240,8 @@ def prepare(params: DataParams, raw_dir: str | Path, out_dir: str | Path, z_cont
         raise DataError(msg) from None
 
 
-def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict, z_context: int = 1) -> dict:
+def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict, z_context: int = 1,
+             val_neighbours: bool = False) -> dict:
     infos = {role: inspect_stack(raw_dir / f["name"]) for role, f in desc["files"].items()}
     train_img, train_lab = infos["train_image"], infos["train_labels"]
     check_image_dtype(train_img)
@@ -285,6 +289,10 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict, z_con
                   ("test", test_img, test_lab, test_idx, test_stats, fg_test))
         for name, img, lab, idx, stats, fgv in splits:
             manifest["splits"][name] = _write_split(name, img, lab, idx, stats, tmp, ignore, fgv, z_context)
+        if val_neighbours:  # (no key otherwise: manifests, and the hashes made of them, stay as they were)
+            for _ in _write_inputs("val_context", train_img, val_idx, train_stats, tmp, z_context + 2):
+                pass
+            manifest["splits"]["val"]["context_images"] = z_context + 2
         # Object labels where the source knows them (the generator's 2D objects): instance scores use them.
         role = {"train": "train_instances", "val": "train_instances",
                 "test": "test_instances" if "test_image" in infos else "train_instances"}
@@ -369,6 +377,26 @@ def load_unlabelled(prepared_dir: str | Path) -> np.ndarray | None:
     """The unlabelled slices' inputs (memory-mapped) where prepare kept some (data.unlabelled_slices)."""
     path = Path(prepared_dir) / "unlabelled_images.npy"
     return np.load(path, mmap_mode="r") if path.exists() else None
+
+
+def load_val_context(prepared_dir: str | Path) -> np.ndarray | None:
+    """The validation inputs with one more neighbour on either side (memory-mapped), where prepare kept
+    them (``evaluate.choose_z_average`` or ``evaluate.z_average``), else None."""
+    path = Path(prepared_dir) / "val_context_images.npy"
+    return np.load(path, mmap_mode="r") if path.exists() else None
+
+
+def load_val_inputs(prepared_dir: str | Path, need_neighbours: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The validation inputs and labels to predict: with their z neighbours where prepare kept them (what
+    z-averaging needs; predictions without it take the middle slices), else as prepared.
+    ``need_neighbours``: refuse data prepared without them."""
+    x, y = load_split(prepared_dir, "val")
+    wide = load_val_context(prepared_dir)
+    if wide is None and need_neighbours:
+        raise ConfigError(f"{prepared_dir}: holds no z neighbours of the validation slices, which "
+                          "evaluate.z_average and evaluate.choose_z_average need: run `emseg prepare` again "
+                          "(dvc repro does)")
+    return (x if wide is None else wide), y
 
 
 def load_split(prepared_dir: str | Path, name: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from emseg import registry, tracking
 from emseg.config import load_params
-from emseg.data.prepare import load_instances, load_split
+from emseg.data.prepare import load_instances, load_split, load_val_inputs
 from emseg.data.patches import centre
-from emseg.evaluate import choose_tta, choose_watershed_h, evaluate_stack, runs_of
+from emseg.evaluate import choose_switches, choose_watershed_h, evaluate_stack, runs_of
 from emseg.fsutil import atomic_file, staged_files, write_json
 from emseg.model.network import load_weights, save_weights
 from emseg.plots import plot_overlays
@@ -28,11 +28,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def postprocess(cfg, threshold: float, h: float, val_images) -> dict:
     """What turns these weights' output into a segmentation, as chosen on the validation slices."""
     ins = cfg.instances
-    return {"threshold": float(threshold), "tta": bool(cfg.inference.tta),
+    return {"threshold": float(threshold), "tta": bool(cfg.inference.tta), "z_average": bool(cfg.z_average),
             "instances": {"min_size": ins.min_size, "h": float(h), "smooth": ins.smooth},
             "normalisation": "each stack z-scored by its own mean and standard deviation",
             "chosen_on": f"{len(val_images)} validation slices (h among {list(ins.h_choices)}"
-                         f"{', TTA on or off' if cfg.choose_tta else ''})"}
+                         f"{', TTA on or off' if cfg.choose_tta else ''}"
+                         f"{', z-averaging on or off' if cfg.choose_z_average else ''})"}
 
 
 def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
@@ -41,13 +42,9 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     params = load_params(params_path)
     net, blob = load_weights(TRAINED_MODEL)
     # The watershed depth is chosen on the validation slices (h_choices), never on the test slices.
-    vx, vy = load_split(prepared_dir, "val")
     cfg = params.evaluate
-    if cfg.choose_tta and len(vx):
-        cfg, tta_rows = choose_tta(net, vx, vy, cfg, params.train.threshold)
-        print("evaluate: flip TTA on the validation slices: "
-              + ", ".join(f"{'on' if r['tta'] else 'off'} IoU {r['iou']:.4f}" for r in tta_rows)
-              + f" -> {'on' if cfg.inference.tta else 'off'}")
+    vx, vy = load_val_inputs(prepared_dir, cfg.z_average or cfg.choose_z_average)
+    cfg = choose_switches(net, vx, vy, cfg, params.train.threshold)
     h, h_rows = choose_watershed_h(net, vx, vy, cfg, params.train.threshold,
                                    instances=load_instances(prepared_dir, "val"))
     if h_rows:
@@ -60,7 +57,7 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     test_slices = manifest["splits"]["test"]["slices"]
     ev = evaluate_stack(net, images, labels, cfg, params.train.threshold, keep=cfg.overlays, h=h,
                         instances=load_instances(prepared_dir, "test"), runs=runs_of(test_slices))
-    m = {**ev.metrics, "tta": cfg.inference.tta}
+    m = {**ev.metrics, "tta": cfg.inference.tta, "z_average": cfg.z_average}
     post = postprocess(cfg, params.train.threshold, h, vx)
     with atomic_file(EVALUATED_MODEL, "wb") as fh:
         save_weights(net, fh, {"run_id": blob.get("run_id"), "postprocess": post})
@@ -84,7 +81,8 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
                                 if k not in ("slices", "threshold") and isinstance(v, (int, float))
                                 and not isinstance(v, bool)},
                                model_id=registry.logged_model_id(run_info.get("model_uri")), dataset=test_ds)
-            mlflow.set_tags({"evaluate_tta": str(cfg.inference.tta).lower(), "instance_truth": m["instance_truth"]})
+            mlflow.set_tags({"evaluate_tta": str(cfg.inference.tta).lower(),
+                             "evaluate_z_average": str(cfg.z_average).lower(), "instance_truth": m["instance_truth"]})
             for f in ("metrics.json", "per_slice.csv", "pr_curve.csv", "watershed_h.csv", "overlays.png"):
                 if (rep / f).exists():
                     mlflow.log_artifact(str(rep / f), artifact_path="evaluation")

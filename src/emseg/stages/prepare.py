@@ -9,7 +9,9 @@ from emseg.paths import PARAMS, PREPARED_DIR, RAW_DIR
 
 def run(params_path: str = PARAMS, raw_dir: str = RAW_DIR, out_dir: str = PREPARED_DIR) -> dict:
     params = load_params(params_path)
-    manifest = prepare(params.data, raw_dir, out_dir, params.model.z_context)
+    ev = params.evaluate
+    manifest = prepare(params.data, raw_dir, out_dir, params.model.z_context,
+                       val_neighbours=ev.choose_z_average or ev.z_average)
     s = manifest["splits"]
     print(
         f"prepare: {len(s['train']['slices'])} train slices {s['train']['slices']}, "
@@ -17,6 +19,7 @@ def run(params_path: str = PARAMS, raw_dir: str = RAW_DIR, out_dir: str = PREPAR
         f"foreground {100 * s['train']['foreground_fraction']:.1f}%"
         + (f"; each with {manifest['z_context'] - 1} neighbouring slices as context"
            if manifest["z_context"] > 1 else "")
+        + ("; validation slices with their z neighbours (for z-averaging)" if "context_images" in s["val"] else "")
         + (f"; {manifest['annotations']['patches']} painted suggestion(s) from {manifest['annotations']['folder']}/"
            if manifest["annotations"]["patches"] else "")
         + f" -> {out_dir}"

@@ -1,7 +1,7 @@
 """DVC stage `register`: register the trained model; `champion` moves only if it is beaten like for like.
 
 The challenger (this run's model) and the current champion are both scored on this run's validation
-slices, each with the post-processing its weights file carries (threshold, flip TTA, input scale;
+slices, each with the post-processing its weights file carries (threshold, flip TTA, z-averaging;
 the inference tiling of params.yaml); `champion` moves when the challenger is better by more than
 `register.min_gain`. The test IoU is a tag to read, never the gate: the test split selects nothing.
 The self-describing weights `evaluate` wrote (models/emseg.pt) are attached to the training run, so
@@ -17,7 +17,7 @@ from emseg import registry, tracking
 from emseg.config import load_params
 from emseg.errors import ConfigError
 from emseg.data.io import sha256_of
-from emseg.data.prepare import load_split
+from emseg.data.prepare import load_val_inputs
 from emseg.evaluate import pixel_iou
 from emseg.fsutil import write_json
 from emseg.model.network import load_weights
@@ -43,11 +43,12 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     params = load_params(params_path)
     run_info = json.loads(Path(TRAIN_RUN).read_text())
     metrics = json.loads(Path(EVALUATE_METRICS).read_text())
-    vx, vy = load_split(prepared_dir, "val")
+    vx, vy = load_val_inputs(prepared_dir)  # with their z neighbours, where kept: z-averaging needs them
 
     def score(net, post: dict, who: str) -> float:
         cfg = params.evaluate.model_copy(update={"inference": params.evaluate.inference.model_copy(
-            update={"tta": bool(post.get("tta", params.evaluate.inference.tta))})})
+            update={"tta": bool(post.get("tta", params.evaluate.inference.tta))}),
+            "z_average": bool(post.get("z_average", False))})
         return pixel_iou(net, vx, vy, cfg, float(post.get("threshold", params.train.threshold)),
                          desc=f"register: {who}")
 
@@ -74,7 +75,7 @@ def run(params_path: str = PARAMS, prepared_dir: str = PREPARED_DIR) -> dict:
     post = registry.postprocess_of(blob, name=EVALUATED_MODEL)
     tags = {"test_iou": f"{float(metrics['iou']):.6f}", "val_data_hash": data_hash,
             registry.WEIGHTS_TAG: f"{folder}/{Path(EVALUATED_MODEL).name}",
-            **{k: str(post[k]).lower() for k in ("tta",) if k in post},
+            **{k: str(post[k]).lower() for k in ("tta", "z_average") if k in post},
             **({"watershed_h": f"{float(metrics['watershed_h']):g}"} if "watershed_h" in metrics else {})}
     manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
     result = registry.register_and_decide(run_info["model_uri"], name, run_info["run_id"], val_iou, champion,
