@@ -33,6 +33,18 @@ def require_shared() -> Path:
     return SHARED
 
 
+def epfl_test_crop(window: tuple) -> tuple:
+    """A crop (z, y, x slices) of EPFL testing.tif and of its ground truth (mitochondria = 255), uint8."""
+    import tifffile
+
+    require_shared()
+    with tifffile.TiffFile(EPFL / "testing.tif") as tf:
+        image = tf.asarray()[window]
+    with tifffile.TiffFile(EPFL / "testing_groundtruth.tif") as tf:
+        labels = tf.asarray()[window]
+    return image, labels
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     return require_shared()

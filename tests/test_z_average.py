@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import EPFL, require_shared
+from conftest import epfl_test_crop, require_shared
 from emseg.config import EvaluateParams, InferenceParams, parse_params
 from emseg.data.generate import generate_slice
 from emseg.data.io import context_indices, normalise
@@ -33,10 +33,7 @@ def crop(tmp_path_factory):
     require_shared()
     d = tmp_path_factory.mktemp("zavg")
     window = (slice(20, 20 + N), slice(300, 556), slice(400, 720))
-    with tifffile.TiffFile(EPFL / "testing.tif") as tf:
-        image = tf.asarray()[window]
-    with tifffile.TiffFile(EPFL / "testing_groundtruth.tif") as tf:
-        labels = tf.asarray()[window]
+    image, labels = epfl_test_crop(window)
     tifffile.imwrite(d / "image.tif", image)
     tifffile.imwrite(d / "labels.tif", labels)
     out = {"dir": d, "stack": image, "truth": labels == 255}

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import EPFL, require_shared, run_cli
+from conftest import EPFL, epfl_test_crop, require_shared, run_cli
 from emseg.config import InitParams, parse_params
 from emseg.data.io import context_indices, inspect_stack, normalise, stack_stats
 from emseg.data.patches import with_context
@@ -37,10 +37,7 @@ def crop(tmp_path_factory):
     require_shared()
     d = tmp_path_factory.mktemp("zctx")
     window = (slice(20, 20 + N), slice(300, 556), slice(400, 720))
-    with tifffile.TiffFile(EPFL / "testing.tif") as tf:
-        image = tf.asarray()[window]
-    with tifffile.TiffFile(EPFL / "testing_groundtruth.tif") as tf:
-        labels = tf.asarray()[window]
+    image, labels = epfl_test_crop(window)
     out = {"dir": d, "image": d / "image.tif", "labels": d / "labels.tif", "stack": image, "truth": labels == 255}
     tifffile.imwrite(out["image"], image)
     tifffile.imwrite(out["labels"], labels)
