@@ -135,6 +135,8 @@ def test_evaluation_averages_validation_and_test_slices_as_the_stack_does(crop, 
     split = list(_probabilities(net, inputs[:6], on, "runs", False, runs=[(0, 3), (3, 6)]))
     np.testing.assert_allclose(split[2], 0.5 * plain[2] + 0.5 * plain[1], atol=1e-5)
     np.testing.assert_allclose(split[3], 0.5 * plain[3] + 0.5 * plain[4], atol=1e-5)
+    with pytest.raises(ValueError, match="do not cover the 6 slices once"):
+        list(_probabilities(net, inputs[:6], on, "runs", False, runs=[(0, 3), (4, 6)]))
     # Isolated slices without kept neighbours cannot be averaged: said, not silently skipped.
     x, _ = load_split(d / "plain1", "val")
     with pytest.raises(ConfigError, match="evaluate.z_average: these 1 slices are not consecutive"):

@@ -99,6 +99,8 @@ class Job:
         """What makes two runs the same job (a resumed run must match it)."""
         d = asdict(self)
         d.pop("threads")
+        if not d["z_average"]:  # as a job written before the setting existed, which may be resumed
+            d.pop("z_average")
         d["volume"] = {**d["volume"], "path": str(Path(self.volume.path).resolve())}
         return json.loads(json.dumps(d, default=str))
 

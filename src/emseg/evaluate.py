@@ -60,22 +60,26 @@ def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool,
     wide = cfg.z_average and slices_per_input(images) >= k + 2
     if cfg.z_average and not wide and runs is None:
         raise ConfigError(f"evaluate.z_average: these {len(images)} slices are not consecutive and hold no z "
-                          "neighbours: prepare with evaluate.choose_z_average or evaluate.z_average set")
+                          "neighbours: score runs of consecutive slices, or the validation inputs that `emseg "
+                          "prepare` keeps with their neighbours")
     if wide:
         images = with_context(images, k + 2)
     else:
         images = with_context(images, k)  # a 2D champion on 2.5D data
+    if cfg.z_average and not wide and [i for a, b in runs for i in range(a, b)] != list(range(len(images))):
+        raise ValueError(f"runs {runs} do not cover the {len(images)} slices once, in order")
     with channels_last(net, cfg.inference.channels_last):
-        bar = tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress)
         if wide:
-            for i in bar:
+            for i in tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress):
                 yield z_average(*(predict_tiled(net, _window(images[i], j, k), **inf) for j in range(3)))
         elif cfg.z_average:
-            it = (predict_tiled(net, images[i], **inf) for i in bar)
-            for a, b in runs:
-                yield from z_averaged(next(it) for _ in range(b - a))
+            with tqdm(total=len(images), desc=desc, unit="slice", disable=not progress) as bar:
+                for a, b in runs:
+                    for prob in z_averaged(predict_tiled(net, images[i], **inf) for i in range(a, b)):
+                        bar.update()
+                        yield prob
         else:
-            for i in bar:
+            for i in tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress):
                 yield predict_tiled(net, images[i], **inf)
 
 
@@ -180,7 +184,8 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
     ``instances``: object labels of the slices where the source has them (see ``instance_truth``).
     With 3D truth, the predicted masks of each run of consecutive slices (``runs``, default: all slices
     are one run) are split in 3D and matched with the 3D components of its labels; the masks of the
-    split are held in memory as booleans (one byte a voxel)."""
+    split are held in memory as booleans (one byte a voxel). With ``cfg.z_average``, probabilities are
+    averaged in z within each of ``runs`` (required then, unless the inputs hold their neighbours)."""
     ins = cfg.instances
     h = ins.h if h is None else h
     objects, truth_name = instance_truth(instances, cfg)
@@ -194,7 +199,7 @@ def evaluate_stack(net, images, labels, cfg: EvaluateParams, threshold: float = 
     keep_idx = set(np.linspace(0, n - 1, keep).round().astype(int).tolist()) if keep else set()
     examples = []
     masks = np.zeros((n, *np.shape(labels[0])), bool) if objects == "3d" and n else None
-    for i, prob in enumerate(_probabilities(net, images, cfg, "evaluate", progress, runs or [(0, n)])):
+    for i, prob in enumerate(_probabilities(net, images, cfg, "evaluate", progress, runs)):
         lab = np.asarray(labels[i])
         c = confusion(prob > threshold, lab)
         counts = add_counts(counts, c)

@@ -381,7 +381,7 @@ def load_unlabelled(prepared_dir: str | Path) -> np.ndarray | None:
 
 def load_val_context(prepared_dir: str | Path) -> np.ndarray | None:
     """The validation inputs with one more neighbour on either side (memory-mapped), where prepare kept
-    them (``evaluate.choose_z_average`` or ``evaluate.z_average``), else None."""
+    them (the `prepare` stage always does), else None."""
     path = Path(prepared_dir) / "val_context_images.npy"
     return np.load(path, mmap_mode="r") if path.exists() else None
 

@@ -9,9 +9,9 @@ from emseg.paths import PARAMS, PREPARED_DIR, RAW_DIR
 
 def run(params_path: str = PARAMS, raw_dir: str = RAW_DIR, out_dir: str = PREPARED_DIR) -> dict:
     params = load_params(params_path)
-    ev = params.evaluate
-    manifest = prepare(params.data, raw_dir, out_dir, params.model.z_context,
-                       val_neighbours=ev.choose_z_average or ev.z_average)
+    # The validation slices' z neighbours are always kept (a few slices): switching evaluate's z-averaging
+    # then reruns evaluate only, and a champion chosen with it can be scored on any later data.
+    manifest = prepare(params.data, raw_dir, out_dir, params.model.z_context, val_neighbours=True)
     s = manifest["splits"]
     print(
         f"prepare: {len(s['train']['slices'])} train slices {s['train']['slices']}, "
