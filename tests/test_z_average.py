@@ -97,15 +97,22 @@ def test_prepare_keeps_the_validation_slices_neighbours_only_when_asked(crop):
         (z,) = m["splits"]["val"]["slices"]
         wide = load_val_context(d / f"wide{k}")
         x, _ = load_split(d / f"wide{k}", "val")
-        assert m["splits"]["val"]["context_images"] == k + 2 and wide.shape == (1, k + 2, 256, 320)
+        assert m["splits"]["val"]["context_images"] == (3 if k == 1 else [3, k])
+        assert wide.shape == ((1, 3, 256, 320) if k == 1 else (1, 3, k, 256, 320))
         mean, std = m["normalisation"]["train"]["mean"], m["normalisation"]["train"]["std"]
-        for c, zc in enumerate(context_indices(z, N, k + 2)):
-            np.testing.assert_allclose(wide[0, c], normalise(crop["stack"][zc], mean, std), atol=1e-5)
-        middle = wide[:, 1] if k == 1 else wide[:, 1:1 + k]
-        assert np.array_equal(middle, x)  # the split itself is as it was
+        for j, c in enumerate((z - 1, z, z + 1)):  # each neighbour's own window, as prediction takes it
+            want = normalise(crop["stack"][context_indices(c, N, k)], mean, std)
+            np.testing.assert_allclose(wide[0, j], want[0] if k == 1 else want, atol=1e-5)
+        assert np.array_equal(wide[:, 1], x)  # the split itself is as it was
     # Without the setting: no file and no manifest key (the data's hash stays as it was).
     assert load_val_context(d / "plain1") is None and "context_images" not in crop["plain1"]["splits"]["val"]
     assert np.array_equal(load_split(d / "plain1", "val")[0], load_split(d / "wide1", "val")[0])
+    # The earlier layout of 2.5D neighbours (one window k + 2 wide) is refused, not misread.
+    legacy = d / "legacy"
+    legacy.mkdir()
+    np.save(legacy / "val_context_images.npy", np.zeros((1, 5, 8, 8), np.float32))
+    with pytest.raises(ConfigError, match="val_context_images.npy: validation neighbours in an earlier layout"):
+        load_val_context(legacy)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -142,6 +149,34 @@ def test_evaluation_averages_validation_and_test_slices_as_the_stack_does(crop, 
     with pytest.raises(ConfigError, match="evaluate.z_average: these 1 slices are not consecutive"):
         list(_probabilities(build_network(parse_params({"model": {"decoder_channels": [16, 16, 16, 16, 8]}}).model),
                             x, on, "val", False))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_validation_slices_at_the_ends_of_the_stack_average_as_prediction_does(crop, k):
+    """At an end the neighbour beyond it is mirrored (slice -1 is slice 1) and predicted from its own
+    window in stack order, as `emseg predict` does: the validation average at slices 0 and N - 1
+    equals the whole stack's there (a wider window sliced at the end would run backwards in z)."""
+    d = crop["dir"]
+    params = parse_params({"data": {"source": "tiff", "tiff": {"image": str(d / "image.tif"),
+                                                               "labels": str(d / "labels.tif")},
+                                    "train_slices": 3, "val_slices": [0, N - 1], "test_slices": [6, 7],
+                                    "annotations": None},
+                           "model": {"decoder_channels": [16, 16, 16, 16, 8], "z_context": k}})
+    m = prepare(params.data, d / f"raw{k}", d / f"ends{k}", k, val_neighbours=True)
+    assert m["splits"]["val"]["slices"] == [0, N - 1]
+    mean, std = m["normalisation"]["train"]["mean"], m["normalisation"]["train"]["std"]
+    torch.manual_seed(1)
+    net = build_network(params.model).eval()
+    norm = np.stack([normalise(s, mean, std) for s in crop["stack"]])
+    inputs = np.stack([norm[context_indices(j, N, k)] if k > 1 else norm[j] for j in range(N)])
+    on = CFG.model_copy(update={"z_average": True})
+    val = list(_probabilities(net, load_val_context(d / f"ends{k}"), on, "val", False))
+    whole = list(_probabilities(net, inputs, on, "stack", False, runs=[(0, N)]))
+    plain = [predict_tiled(net, inputs[j], **CFG.inference.model_dump()) for j in (0, 1, N - 2, N - 1)]
+    np.testing.assert_allclose(val[0], whole[0], atol=1e-5)
+    np.testing.assert_allclose(val[1], whole[N - 1], atol=1e-5)
+    np.testing.assert_allclose(val[0], 0.5 * plain[0] + 0.5 * plain[1], atol=1e-5)
+    np.testing.assert_allclose(val[1], 0.5 * plain[3] + 0.5 * plain[2], atol=1e-5)
 
 
 def test_the_choice_keeps_whichever_scores_higher_on_the_slices_given(crop):

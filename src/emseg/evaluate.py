@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from emseg import IGNORE
 from emseg.config import EvaluateParams
-from emseg.data.patches import slices_per_input, with_context
+from emseg.data.patches import with_context
 from emseg.errors import ConfigError
 from emseg.inference import predict_tiled, z_average, z_averaged
 from emseg.instances import connected_instances, instance_scores, match_instances, split_instances, true_instances
@@ -41,9 +41,18 @@ def _pr_curve(fg_hist: np.ndarray, bg_hist: np.ndarray) -> list[dict]:
     return rows
 
 
-def _window(image, j: int, k: int):
-    """The network input k slices wide starting at slice j of a wider input (K, H, W)."""
-    return image[j] if k == 1 else image[j:j + k]
+def _holds_neighbours(images, k: int) -> bool:
+    """Whether these are validation inputs that hold each slice's z neighbours' inputs
+    (``load_val_context``: (n, 3, H, W) or (n, 3, K, H, W), windows of K slices). For a 2D network
+    (n, 3, H, W) may also be a 3-slice split ([z - 1, z, z + 1], mirrored alike): the same thing."""
+    return np.ndim(images) == 5 or (np.ndim(images) == 4 and k == 1 and np.shape(images)[1] == 3)
+
+
+def _window(images, i: int, j: int, k: int) -> np.ndarray:
+    """Network input of neighbour j (0: z - 1, 1: z, 2: z + 1) of slice i, from inputs that hold them:
+    the middle k slices of its window (:func:`with_context`)."""
+    x = np.asarray(images[i, j])
+    return x if x.ndim == 2 else with_context(x[None], k)[0]
 
 
 def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool,
@@ -52,26 +61,25 @@ def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool,
     once for the stack (``cfg.inference.channels_last``), not once per slice inside predict_tiled.
 
     With ``cfg.z_average`` each probability is averaged with its z neighbours': from the inputs
-    themselves where they hold one slice more on either side than the network takes (the validation
-    inputs of ``load_val_context``: each of the three windows is predicted), else through ``runs`` of
-    consecutive slices (the ends of each run mirrored)."""
+    themselves where they hold their neighbours' (the validation inputs of ``load_val_context``: the
+    three windows are predicted), else through ``runs`` of consecutive slices (the ends of each run
+    mirrored). Inputs that hold neighbours are predicted from their middle window without it."""
     inf = cfg.inference.model_dump()
     k = int(getattr(net, "spec", {}).get("z_context", 1))
-    wide = cfg.z_average and slices_per_input(images) >= k + 2
+    wide = _holds_neighbours(images, k) and (np.ndim(images) == 5 or runs is None)
     if cfg.z_average and not wide and runs is None:
         raise ConfigError(f"evaluate.z_average: these {len(images)} slices are not consecutive and hold no z "
                           "neighbours: score runs of consecutive slices, or the validation inputs that `emseg "
                           "prepare` keeps with their neighbours")
-    if wide:
-        images = with_context(images, k + 2)
-    else:
-        images = with_context(images, k)  # a 2D champion on 2.5D data
+    if not (cfg.z_average and wide):
+        # The slices themselves (the middle window of inputs that hold neighbours); a 2D champion on 2.5D data.
+        images = with_context(images[:, 1] if wide else images, k)
     if cfg.z_average and not wide and [i for a, b in runs for i in range(a, b)] != list(range(len(images))):
         raise ValueError(f"runs {runs} do not cover the {len(images)} slices once, in order")
     with channels_last(net, cfg.inference.channels_last):
-        if wide:
+        if cfg.z_average and wide:
             for i in tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress):
-                yield z_average(*(predict_tiled(net, _window(images[i], j, k), **inf) for j in range(3)))
+                yield z_average(*(predict_tiled(net, _window(images, i, j, k), **inf) for j in range(3)))
         elif cfg.z_average:
             with tqdm(total=len(images), desc=desc, unit="slice", disable=not progress) as bar:
                 for a, b in runs:

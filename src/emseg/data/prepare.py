@@ -10,6 +10,8 @@ Outputs in the prepared folder (all written slice by slice through memory maps):
   for pixels the annotator left unlabelled;
 - ``{train,val,test}_instances.npy``: uint32 object labels, only where the source knows its objects
   (the generator); instance scores use them as the true objects;
+- ``val_context_images.npy`` (the `prepare` stage): each validation slice with the inputs of its two
+  z neighbours, (n, 3, y, x) or (n, 3, k, y, x), for choosing z-averaging on the validation slices;
 - ``unlabelled_images.npy``: like the training images, for ``data.unlabelled_slices`` slices whose
   labels are not used (semi-supervised training); only when that count is above 0;
 - ``manifest.json``: shapes, dtypes, slice indices, foreground fractions, normalisation, hashes.
@@ -178,6 +180,29 @@ def _write_inputs(name, img_info, indices, stats, out: Path, z_context: int = 1)
     del images
 
 
+def _write_val_context(img_info, indices, stats, out: Path, z_context: int = 1):
+    """``val_context_images.npy``: each validation slice z with the network inputs of z - 1, z and z + 1
+    (mirrored at the ends of the stack, as prediction mirrors them), which z-averaging predicts: for
+    ``z_context`` 1 the three slices, (n, 3, H, W); else the three windows of z_context slices centred
+    on them, (n, 3, k, H, W). A window of the neighbour beyond an end is that neighbour's own window
+    (z = 0: slice 1's, in stack order), never one more slice of the mirrored wider window, which at
+    an end would run backwards in z. Returns the shape of one input, for the manifest."""
+    n, (h, w), k = len(indices), img_info.shape[1:], z_context
+    per_input = (3,) if k == 1 else (3, k)
+    images = allocated_memmap(out / "val_context_images.npy", np.float32, (n, *per_input, h, w))
+    mean, std = stats
+    with StackReader(img_info) as ir:
+        for i, z in enumerate(tqdm(indices, desc="prepare val_context", unit="slice")):
+            for j, c in enumerate(context_indices(z, img_info.shape[0], 3)):
+                for m, zc in enumerate(context_indices(c, img_info.shape[0], k)):
+                    img = ir.read(zc)
+                    check_values(img, where(img_info, zc))
+                    images[(i, j) if k == 1 else (i, j, m)] = normalise(img, mean, std)
+    images.flush()
+    del images
+    return 3 if k == 1 else [3, k]
+
+
 def _write_split(name, img_info, lab_info, indices, stats, out: Path, ignore, fg_value, z_context: int = 1) -> dict:
     n, (h, w) = len(indices), img_info.shape[1:]
     k = z_context
@@ -225,8 +250,9 @@ def prepare(params: DataParams, raw_dir: str | Path, out_dir: str | Path, z_cont
             val_neighbours: bool = False) -> dict:
     """Validate the raw stacks, pick slices, write normalised arrays and the manifest (all or nothing).
     ``z_context`` (model.z_context): how many slices each input holds, the labelled one in the middle.
-    ``val_neighbours``: also ``val_context_images.npy``, each validation input with one more slice on
-    either side (z_context + 2), so that a choice of z-averaging can be made on the validation slices."""
+    ``val_neighbours``: also ``val_context_images.npy``, each validation slice with the inputs of its
+    two z neighbours (:func:`_write_val_context`), so that a choice of z-averaging can be made on the
+    validation slices."""
     desc = load_source(raw_dir)
     try:
         return _prepare(params, Path(raw_dir), Path(out_dir), desc, z_context, val_neighbours)
@@ -290,9 +316,8 @@ def _prepare(params: DataParams, raw_dir: Path, out_dir: Path, desc: dict, z_con
         for name, img, lab, idx, stats, fgv in splits:
             manifest["splits"][name] = _write_split(name, img, lab, idx, stats, tmp, ignore, fgv, z_context)
         if val_neighbours:  # (no key otherwise: manifests, and the hashes made of them, stay as they were)
-            for _ in _write_inputs("val_context", train_img, val_idx, train_stats, tmp, z_context + 2):
-                pass
-            manifest["splits"]["val"]["context_images"] = z_context + 2
+            manifest["splits"]["val"]["context_images"] = _write_val_context(train_img, val_idx, train_stats, tmp,
+                                                                             z_context)
         # Object labels where the source knows them (the generator's 2D objects): instance scores use them.
         role = {"train": "train_instances", "val": "train_instances",
                 "test": "test_instances" if "test_image" in infos else "train_instances"}
@@ -380,10 +405,17 @@ def load_unlabelled(prepared_dir: str | Path) -> np.ndarray | None:
 
 
 def load_val_context(prepared_dir: str | Path) -> np.ndarray | None:
-    """The validation inputs with one more neighbour on either side (memory-mapped), where prepare kept
-    them (the `prepare` stage always does), else None."""
+    """The validation slices with the inputs of their z neighbours (memory-mapped; (n, 3, H, W) or
+    (n, 3, k, H, W), :func:`_write_val_context`), where prepare kept them (the `prepare` stage always
+    does), else None."""
     path = Path(prepared_dir) / "val_context_images.npy"
-    return np.load(path, mmap_mode="r") if path.exists() else None
+    if not path.exists():
+        return None
+    wide = np.load(path, mmap_mode="r")
+    if wide.ndim == 4 and wide.shape[1] != 3:  # emseg before 2026-12-07: one wider window (k + 2), 2.5D
+        raise ConfigError(f"{path}: validation neighbours in an earlier layout ({wide.shape[1]} slices, "
+                          "whose end windows run backwards in z): run `emseg prepare` again (dvc repro does)")
+    return wide
 
 
 def load_val_inputs(prepared_dir: str | Path, need_neighbours: bool = False) -> tuple[np.ndarray, np.ndarray]:
