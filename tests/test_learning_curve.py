@@ -63,6 +63,17 @@ def test_pretrain_then_learning_curve_through_dvc(tmp_path, shared):
     assert {(r.data.tags["init"], r.data.tags["labelled_slices"], r.data.tags["seed"]) for r in runs} == {
         (i, n, s) for i in ("scratch", "pretrained") for n in ("4", "161") for s in ("0", "1")}
     assert "up to date" in run_cli(["dvc", "status", "pipelines/learning_curve/dvc.yaml"], proj, check=True).stdout
+    # z-averaging (params.yaml: learning_curve.choose_z_average) chosen on each point's validation slices:
+    # the point's test IoU is the chosen readout of the one prediction; the plain one is kept beside it.
+    for r in rows:
+        on = float(r["val_iou_z_average"]) > float(r["val_iou_plain"])
+        assert r["z_average"] == str(on)
+        assert r["test_iou"] == (r["test_iou_z_average"] if on else r["test_iou_plain"])
+    z = summary["z_average"]["pretrained"]["4"]
+    assert z["n"] == 2 and z["chosen_on"] == sum(r["z_average"] == "True" for r in rows
+                                                  if r["init"] == "pretrained" and r["slices"] == "4")
+    assert "z-averaging of the probabilities" in (proj / "reports/learning_curve/table.md").read_text()
+    assert all("test_iou_plain" in r.data.metrics and "z_average" in r.data.params for r in runs)
 
 
 OPTIONS_LC = {
@@ -119,34 +130,65 @@ def test_learning_curve_options_ssl_init_z_context_and_semi_on_epfl(tmp_path, sh
 
 
 def test_learning_curve_targets_hold_neighbours_reflected_at_the_ends(shared):
-    """The test slices come with their z neighbours (the stack's ends reflected); the middle one is the
-    slice itself, as loaded on its own; no training slice lies within data.min_gap of validation."""
+    """The test slices come with their z neighbours' inputs (each index reflected at the stack's ends,
+    as prediction does): the middle window's middle slice is the slice itself, as loaded on its own; no
+    training slice lies within data.min_gap of validation."""
     from emseg.config import parse_params
     from emseg.data.stacks import evenly, load_labelled
-    from emseg.learning_curve import load_target, with_neighbours
+    from emseg.learning_curve import load_target, neighbour_windows, with_neighbours
 
     stack = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
     assert with_neighbours(stack, [0, 2, 4], 3)[:, :, 0, 0].tolist() == [[1, 0, 1], [1, 2, 3], [3, 4, 3]]
+    # Slice 0's neighbour -1 is slice 1, in its own window in stack order (not the wider window reversed).
+    assert neighbour_windows(stack, [0, 4], 3)[:, :, :, 0, 0].tolist() == [
+        [[0, 1, 2], [1, 0, 1], [0, 1, 2]], [[2, 3, 4], [3, 4, 3], [2, 3, 4]]]
     params = parse_params({"data": {"epfl": {"mirrors": [str(EPFL)]}},
                            "learning_curve": {"source": "epfl", "scale": 0.25, "test_slices": 3,
                                               "options": ["plain", "z_context"], "z_context": 3}})
     source, x, y, val_idx, pool, tx, ty = load_target(params)
     zs = evenly(82, 3)
-    assert source == "epfl" and tx.shape == (3, 3, 192, 256) and ty.shape == (3, 192, 256)
+    assert source == "epfl" and tx.shape == (3, 3, 3, 192, 256) and ty.shape == (3, 192, 256)
     img, lab = EPFL / "testing.tif", EPFL / "testing_groundtruth.tif"
     alone, labels, _ = load_labelled(img, lab, zs, scale=0.25)
-    np.testing.assert_array_equal(tx[:, 1], alone)
+    np.testing.assert_array_equal(tx[:, 1, 1], alone)
     np.testing.assert_array_equal(ty, labels)
     above, _, _ = load_labelled(img, lab, [1, zs[1] - 1, zs[2] - 1], scale=0.25)
     below, _, _ = load_labelled(img, lab, [1, zs[1] + 1, zs[2] - 1], scale=0.25)  # 0 and 81: reflected
-    np.testing.assert_array_equal(tx[:, 0], above)
-    np.testing.assert_array_equal(tx[:, 2], below)
+    for j, want in ((0, above), (2, below)):
+        np.testing.assert_array_equal(tx[:, 1, j], want)  # the slice's own window
+        np.testing.assert_array_equal(tx[:, j, 1], want)  # the middle of its neighbour's window
     assert val_idx == [0, 164] and pool == list(range(2, 163))
-    # Without the option, the inputs are single slices, (n, 1, H, W): the same middle slices.
+    # Without the option, windows of single slices, (n, 3, 1, H, W): the same middle slices.
     plain = load_target(parse_params({"data": {"epfl": {"mirrors": [str(EPFL)]}}, "learning_curve": {
         "source": "epfl", "scale": 0.25, "test_slices": 3}}))[5]
-    assert plain.shape == (3, 1, 192, 256)
-    np.testing.assert_array_equal(plain[:, 0], alone)
+    assert plain.shape == (3, 3, 1, 192, 256)
+    np.testing.assert_array_equal(plain[:, 1, 0], alone)
+    np.testing.assert_array_equal(plain[:, 0, 0], above)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_learning_curve_scores_plain_and_z_averaged_as_evaluate_does(shared, k):
+    """The learning curves' one prediction of each test slice and its neighbours, read plain and
+    z-averaged, gives evaluate's foreground IoU for z-averaging off and on; the two differ."""
+    from emseg.config import EvaluateParams, InferenceParams, parse_params
+    from emseg.evaluate import pixel_iou
+    from emseg.learning_curve import iou_plain_and_averaged, load_target
+    from emseg.model.network import build_network
+
+    params = parse_params({"data": {"epfl": {"mirrors": [str(EPFL)]}},
+                           "model": {"decoder_channels": [16, 16, 16, 16, 8], "z_context": k},
+                           "learning_curve": {"source": "epfl", "scale": 0.25, "test_slices": 3,
+                                              "options": ["plain", "z_context"], "z_context": 3}})
+    tx, ty = load_target(params)[5:]
+    torch.manual_seed(0)
+    net = build_network(params.model).eval()
+    plain, averaged = iou_plain_and_averaged(net, tx, ty, k)
+    cfg = EvaluateParams(inference=InferenceParams(tile=1024, overlap=64))
+    assert plain == pytest.approx(pixel_iou(net, tx, ty, cfg, progress=False), abs=1e-6)
+    assert averaged == pytest.approx(pixel_iou(net, tx, ty, cfg.model_copy(update={"z_average": True}),
+                                               progress=False), abs=1e-6)
+    assert averaged != plain  # (an untrained network is nearly flat in z: the readouts differ a little)
+    assert iou_plain_and_averaged(net, tx, ty, k, average=False) == (plain, None)
 
 
 def test_fine_tuning_keeps_the_encoder_frozen_for_the_first_epochs(tmp_path):

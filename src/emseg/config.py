@@ -366,6 +366,8 @@ class LearningCurveParams(_Strict):
     seeds: list[int] = [0, 1, 2]
     val_slices: PositiveInt = 2
     test_slices: Optional[PositiveInt] = 10  # evenly spaced test slices; null: all
+    # each point: z-averaging (evaluate.z_average) on or off by its validation IoU; points.csv has both
+    choose_z_average: bool = False
     patch_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128
     patches_per_epoch: PositiveInt = 64
     batch_size: PositiveInt = 8

@@ -121,6 +121,8 @@ def summarise_learning_curve(points: list[dict]) -> tuple[list[dict], dict]:
             saved[str(n)] = reach[0] if reach else None
     out["pretrained_slices_to_match_scratch"] = saved
     out["options_vs_plain"] = paired_against_plain(points)
+    if all("test_iou_z_average" in p for p in points):
+        out["z_average"] = z_average_effect(points)
     out["table"] = table
     return table, out
 
@@ -144,6 +146,38 @@ def paired_against_plain(points: list[dict]) -> dict:
         if per_count:
             out[name] = {"against": plain, "by_slices": per_count}
     return out
+
+
+def z_average_effect(points: list[dict]) -> dict:
+    """Per curve and slice count, over seeds: in how many points the validation slices switched
+    z-averaging on, and the test IoU of the chosen readout and of the z-averaged one, each minus the
+    plain one of the same model (mean, sample sd and n of the differences)."""
+    out: dict = {}
+    for name in dict.fromkeys(p["init"] for p in points):
+        per_count = {}
+        for n in sorted({p["slices"] for p in points if p["init"] == name}):
+            mine = [p for p in points if p["init"] == name and p["slices"] == n]
+            chosen = [p["test_iou"] - p["test_iou_plain"] for p in mine]
+            always = [p["test_iou_z_average"] - p["test_iou_plain"] for p in mine]
+            per_count[str(n)] = {"chosen_on": sum(bool(p["z_average"]) for p in mine), "n": len(mine),
+                                 "chosen_minus_plain": round(float(np.mean(chosen)), 4),
+                                 "chosen_minus_plain_sd": _r4(sample_sd(chosen)),
+                                 "averaged_minus_plain": round(float(np.mean(always)), 4),
+                                 "averaged_minus_plain_sd": _r4(sample_sd(always))}
+        out[name] = per_count
+    return out
+
+
+def z_average_markdown(effect: dict) -> str:
+    """:func:`z_average_effect` as a Markdown table."""
+    lines = ["| curve | labelled slices | z-averaging chosen on validation | test IoU, chosen - plain (sd) | "
+             "test IoU, averaged - plain (sd) | n |", "|---" * 6 + "|"]
+    for name, per_count in effect.items():
+        for n, e in per_count.items():
+            lines.append(f"| {name} | {n} | {e['chosen_on']} of {e['n']} | {e['chosen_minus_plain']:+.4f} "
+                         f"({_sd_text(e['chosen_minus_plain_sd'])}) | {e['averaged_minus_plain']:+.4f} "
+                         f"({_sd_text(e['averaged_minus_plain_sd'])}) | {e['n']} |")
+    return "\n".join(lines) + "\n"
 
 
 def learning_curve_markdown(table: list[dict]) -> str:

@@ -48,11 +48,14 @@ def _holds_neighbours(images, k: int) -> bool:
     return np.ndim(images) == 5 or (np.ndim(images) == 4 and k == 1 and np.shape(images)[1] == 3)
 
 
-def _window(images, i: int, j: int, k: int) -> np.ndarray:
+def neighbour_input(images, i: int, j: int, k: int) -> np.ndarray:
     """Network input of neighbour j (0: z - 1, 1: z, 2: z + 1) of slice i, from inputs that hold them:
     the middle k slices of its window (:func:`with_context`)."""
     x = np.asarray(images[i, j])
-    return x if x.ndim == 2 else with_context(x[None], k)[0]
+    if x.ndim == 2:
+        return x
+    w = with_context(x[None], k)[0]
+    return w[0] if k == 1 and w.ndim == 3 else w  # a window of one slice: the slice
 
 
 def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool,
@@ -79,7 +82,7 @@ def _probabilities(net, images, cfg: EvaluateParams, desc: str, progress: bool,
     with channels_last(net, cfg.inference.channels_last):
         if cfg.z_average and wide:
             for i in tqdm(range(len(images)), desc=desc, unit="slice", disable=not progress):
-                yield z_average(*(predict_tiled(net, _window(images, i, j, k), **inf) for j in range(3)))
+                yield z_average(*(predict_tiled(net, neighbour_input(images, i, j, k), **inf) for j in range(3)))
         elif cfg.z_average:
             with tqdm(total=len(images), desc=desc, unit="slice", disable=not progress) as bar:
                 for a, b in runs:

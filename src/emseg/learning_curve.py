@@ -36,11 +36,11 @@ def load_target(params):
         x, y, _ = load_labelled(f["train_image"], f["train_labels"], None, scale=cfg.scale)
         n_test = len(tifffile.TiffFile(f["test_image"]).pages)
         zs = evenly(n_test, cfg.test_slices)
-        # with their z neighbours (read once each; a stack's own statistics normalise every slice alike)
-        need = sorted({j for z in zs for j in context_indices(z, n_test, k)})
+        # with their z neighbours' inputs (read once each; a stack's own statistics normalise every slice alike)
+        need = sorted({j for z in zs for c in context_indices(z, n_test, 3) for j in context_indices(c, n_test, k)})
         cx, cy, _ = load_labelled(f["test_image"], f["test_labels"], need, scale=cfg.scale)
         row = {z: i for i, z in enumerate(need)}
-        tx = np.stack([cx[[row[j] for j in context_indices(z, n_test, k)]] for z in zs])
+        tx = neighbour_windows(cx, zs, k, lambda j: row[j], n_test)
         ty = cy[[row[z] for z in zs]]
     else:
         g = params.data.generated
@@ -50,7 +50,7 @@ def load_target(params):
         pairs = [rescale(a, (b > 0).astype(np.uint8), cfg.scale) for a, b in zip(img, lab)]
         xs, ys = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
         x, y, tx, ty = xs[:g.slices], ys[:g.slices], xs[g.slices:], ys[g.slices:]
-        tx = with_neighbours(tx, range(len(tx)), k)
+        tx = neighbour_windows(tx, range(len(tx)), k)
     val_idx = evenly(len(x), cfg.val_slices)
     pool = eligible_slices(len(x), val_idx, params.data.min_gap)
     if source != "epfl":  # the generated test slices follow the training ones in one stack: keep the gap there too
@@ -64,6 +64,42 @@ def with_neighbours(stack, zs, k: int) -> np.ndarray:
     from emseg.data.io import context_indices
 
     return np.stack([stack[context_indices(int(z), len(stack), k)] for z in zs])
+
+
+def neighbour_windows(stack, zs, k: int, row=None, n: int | None = None) -> np.ndarray:
+    """Slices ``zs`` of a stack with the inputs of their z neighbours, (len(zs), 3, k, H, W): for each,
+    the windows of k slices centred on z - 1, z and z + 1 (each index reflected at the stack's ends,
+    io.context_indices, as prediction does), so that a slice can be scored plain (the middle window) or
+    z-averaged. ``stack``: the whole stack (n, H, W) in memory, or with ``row`` (stack index -> row of
+    ``stack``) and ``n`` (the stack's length) the rows it needs."""
+    from emseg.data.io import context_indices
+
+    n = len(stack) if n is None else n
+    row = row or (lambda j: j)
+    return np.stack([[stack[[row(j) for j in context_indices(c, n, k)]] for c in context_indices(int(z), n, 3)]
+                     for z in zs])
+
+
+def iou_plain_and_averaged(net, windows, labels, k: int, average: bool = True,
+                           tile: int = 1024) -> tuple[float, float | None]:
+    """Foreground IoU (threshold 0.5) of a network with ``k`` slices per input over slices held with
+    their neighbours' inputs (:func:`neighbour_windows`): of the plain probabilities and, with
+    ``average``, of the z-averaged ones (evaluate.z_average), from one prediction of every window."""
+    from emseg.evaluate import neighbour_input
+    from emseg.inference import predict_tiled, z_average
+    from emseg.metrics import add_counts, confusion, scores
+
+    plain: dict = {}
+    averaged: dict = {}
+    for i in range(len(windows)):
+        lab = np.asarray(labels[i])
+        probs = [predict_tiled(net, neighbour_input(windows, i, j, k), tile=tile, overlap=64)
+                 for j in (range(3) if average else [1])]
+        centre = probs[1] if average else probs[0]
+        plain = add_counts(plain, confusion(centre > 0.5, lab))
+        if average:
+            averaged = add_counts(averaged, confusion(z_average(*probs) > 0.5, lab))
+    return float(scores(plain)["iou"]), (float(scores(averaged)["iou"]) if average else None)
 
 
 def context_k(cfg) -> int:
@@ -130,13 +166,13 @@ def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -
     import mlflow
     from tqdm.auto import tqdm
 
-    from emseg.active.loop import pixel_iou
     from emseg.data.datamodule import ArraySplits
     from emseg.data.stacks import evenly
     from emseg.model.train import fit
 
     cfg = params.learning_curve
-    mid = tx.shape[1] // 2  # tx: (n, k, H, W); plain inputs are the middle slices
+    # tx: (n, 3, K, H, W), each test slice with its neighbours' inputs; the validation slices alike
+    vw = neighbour_windows(x, val_idx, tx.shape[2])
     points = []
     bar = tqdm(total=len(counts) * len(cfg.inits) * len(cfg.options) * len(cfg.seeds), desc="learning curve",
                unit="run")
@@ -165,9 +201,9 @@ def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -
                         "encoder_lr_factor": cfg.encoder_lr_factor if tuned else 1.0}},
                         "params.yaml: learning_curve (its settings as train.*)")
                     if k > 1:
-                        xs, vs, test = with_neighbours(x, chosen, k), with_neighbours(x, val_idx, k), tx
+                        xs, vs = with_neighbours(x, chosen, k), with_neighbours(x, val_idx, k)
                     else:
-                        xs, vs, test = x[chosen], x[val_idx], tx[:, mid]
+                        xs, vs = x[chosen], x[val_idx]
                     with tracking.start_run(run_name=f"{name}-{n}sl-seed{seed}",
                                             tags={"labelled_slices": str(n), "init": init, "option": option,
                                                   "seed": str(seed), "dataset": source,
@@ -180,7 +216,17 @@ def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -
                             res = fit(p, ArraySplits(xs, y[chosen], vs, y[val_idx], unlabelled=unlabelled), work,
                                       lr=cfg.lr, batch_size=cfg.batch_size, progress=False)
                         mlflow.log_param("init_loaded", res.init[:500])  # e.g. "checkpoint:... (N of M tensors)"
-                        iou = pixel_iou(res.net, test, ty)  # the best validation epoch's weights (fit restores them)
+                        # The best validation epoch's weights (fit restores them). z-averaging is chosen on the
+                        # validation slices; the test slices are predicted once, read plain and averaged.
+                        avg = cfg.choose_z_average
+                        val_plain, val_z = iou_plain_and_averaged(res.net, vw, y[val_idx], k, avg)
+                        test_plain, test_z = iou_plain_and_averaged(res.net, tx, ty, k, avg)
+                        use_z = avg and val_z > val_plain
+                        iou = test_z if use_z else test_plain
+                        z_cols = {"z_average": use_z, "val_iou_plain": round(val_plain, 4),
+                                  "val_iou_z_average": round(val_z, 4), "test_iou_plain": round(test_plain, 4),
+                                  "test_iou_z_average": round(test_z, 4)} if avg else {}
+                        mlflow.log_params({"z_average": use_z})
                         # 1-based, like ``epochs`` (the count run): best_epoch == epochs means the last one was best
                         best = max(res.history, key=lambda r: r.get("val_iou", 0.0)) if res.history else None
                         best_epoch = best["epoch"] + 1 if best else 0
@@ -188,12 +234,13 @@ def train_points(params, x, y, val_idx, pool, tx, ty, counts, source, weights) -
                         mlflow.log_metrics({"test_iou": iou, "best_val_iou": res.best_score,
                                             "train_seconds": res.seconds, "epochs": res.epochs,
                                             "best_epoch": best_epoch,
-                                            **{k: last[k] for k in ("train_consistency",) if k in last}})
+                                            **{c: v for c, v in z_cols.items() if c != "z_average"},
+                                            **{c: last[c] for c in ("train_consistency",) if c in last}})
                     points.append({"init": name, "slices": n, "seed": seed, "test_iou": round(iou, 4),
                                    "best_val_iou": round(res.best_score, 4), "epochs": res.epochs,
                                    "best_epoch": best_epoch,
                                    "stopped_by": "epoch cap" if res.epochs >= cfg.max_epochs else "early stopping",
-                                   "train_seconds": round(res.seconds, 1)})
+                                   "train_seconds": round(res.seconds, 1), **z_cols})
                     bar.update()
                     bar.set_postfix_str(f"{name} {n} slices seed {seed}: IoU {iou:.3f}")
     bar.close()

@@ -16,7 +16,8 @@ from contextlib import ExitStack
 
 from emseg import registry, tracking
 from emseg.config import load_params, require_2d
-from emseg.curves import learning_curve_markdown, paired_markdown, series, summarise_learning_curve, write_csv
+from emseg.curves import (learning_curve_markdown, paired_markdown, series, summarise_learning_curve, write_csv,
+                          z_average_markdown)
 from emseg.fsutil import staged_files, write_json
 from emseg.learning_curve import check_counts, load_target, slice_counts, ssl_weights, train_points
 from emseg.paths import LEARNING_CURVE_DIR, PARAMS
@@ -64,7 +65,10 @@ def run(params_path: str = PARAMS) -> dict:
         paired = summary["options_vs_plain"]
         (rep / "table.md").write_text(learning_curve_markdown(table) + (
             "\nEach option against its plain init, same training slices and seed:\n\n" + paired_markdown(paired)
-            if paired else ""))
+            if paired else "") + (
+            "\nz-averaging of the probabilities, on or off by each point's validation IoU (test IoU as chosen "
+            "above); against the plain readout of the same model:\n\n" + z_average_markdown(summary["z_average"])
+            if "z_average" in summary else ""))
         plot_mean_band(series(points, "init", "slices"), rep / "curves.png", "labelled training slices",
                        "test foreground IoU", f"{source} at scale {cfg.scale:g}, {len(cfg.seeds)} seeds", log2_x=True)
         write_json(rep / "summary.json", summary)
