@@ -12,7 +12,10 @@ voxels per second of the whole command (start-up, statistics, prediction, object
 
 Both use objects per slice (``--instances 2d``): the 3D watershed costs ~2 us a voxel on this CPU, which
 would make a 4 GiB run take hours on 2 cores; its memory is bounded by the block in the same way.
-Run: .venv/bin/python benchmarks/bench_blockwise.py memory|overhead   (EMSEG_BENCH_PAIRS, default 2;
+zaverage: as overhead, each path with ``--z-average off`` and ``on`` (each probability averaged with its
+z neighbours'), alternating; the time ratio on / off per pair.
+
+Run: .venv/bin/python benchmarks/bench_blockwise.py memory|overhead|zaverage   (EMSEG_BENCH_PAIRS, default 2;
 EMSEG_BENCH_GIB: volume sizes in GiB, default "1 4";
 EMSEG_BENCH_MODEL: reuse a network this script trained and kept with EMSEG_BENCH_SAVE_MODEL,
 EMSEG_BENCH_TMP: where the volumes go)
@@ -122,6 +125,29 @@ def main() -> None:
             peaks = [r["peak_rss_mib"] for r in rows.values()]
             save("blockwise_memory", {"command": "emseg predict ZARR OUT --instances 2d (LocalCluster defaults)",
                                       "rows": rows, "peak_ratio_largest_to_smallest": round(peaks[-1] / peaks[0], 3)})
+        elif mode == "zaverage":
+            net = model(tmp, 0.5, float(os.environ.get("EMSEG_BENCH_TRAIN_MIN", "4")))
+            pairs = int(os.environ.get("EMSEG_BENCH_PAIRS", "2"))
+            n = 82 * 768 * 1024
+            arms = {f"{path}_{z}": (extra, z) for path, extra in (
+                ("in_process", ["--format", "tiff"]), ("blockwise", ["--format", "ome-zarr", "--instances", "2d"]))
+                for z in ("off", "on")}
+            rows = {a: [] for a in arms}
+            for i in range(pairs):
+                for name, (extra, z) in arms.items():
+                    r = tree_peak(["emseg", "predict", "--model", str(net), str(EPFL / "testing.tif"),
+                                   str(tmp / f"{name}{i}"), *extra, "--z-average", z], tmp)
+                    rows[name].append({"voxels_per_s": n / r["seconds"], "seconds": r["seconds"],
+                                       "peak_rss_mib": r["peak_rss_mib"]})
+                    shutil.rmtree(tmp / f"{name}{i}")
+                    print(name, r, flush=True)
+            ratios = {path: [on["seconds"] / off["seconds"] for off, on in zip(rows[f"{path}_off"], rows[f"{path}_on"])]
+                      for path in ("in_process", "blockwise")}
+            save("blockwise_z_average", {
+                "command": "emseg predict testing.tif OUT --format tiff | ome-zarr --instances 2d, "
+                           "--z-average off | on",
+                "rows": rows, "seconds_ratio_on_to_off": ratios,
+                "mean_ratio": {k: statistics.mean(v) for k, v in ratios.items()}})
         else:
             net = model(tmp, 0.5, float(os.environ.get("EMSEG_BENCH_TRAIN_MIN", "4")))
             pairs = int(os.environ.get("EMSEG_BENCH_PAIRS", "2"))

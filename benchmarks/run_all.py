@@ -13,9 +13,12 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHES = ["bench_prepare_memory.py", "bench_train_throughput.py", "bench_semi_step.py", "bench_layout.py",
            "bench_pruning.py", "bench_predict.py", "bench_blockwise.py memory", "bench_blockwise.py overhead",
+           "bench_blockwise.py zaverage",
            "bench_epfl_train.py", "bench_defaults.py", "bench_active_learning.py", "bench_learning_curve.py",
            "bench_learning_curve.py --inits pretrained ssl --options plain z_context semi --counts 1 4 "
-           "--name learning_curve_options_epfl_cpu"]
+           "--name learning_curve_options_epfl_cpu",
+           "bench_learning_curve.py --inits scratch pretrained --options plain --counts 1 4 12 "
+           "--name learning_curve_zavg_epfl_cpu"]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

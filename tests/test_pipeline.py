@@ -387,6 +387,7 @@ def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs_as_emseg_p
         packaged_input = np.load(z.open("test_input.npy"))
         packaged_output = np.load(z.open("test_output.npy"))
     assert "# Validation" in readme and "test_iou" in readme  # what the registry knows of the version
+    assert "- z_average: " in readme  # the choice made on validation, which the package does not apply
     # The test input is the real tile: the centre 256 x 256 of slice 40, as read independently here.
     tile = tifffile.imread(SHARED / "epfl-hippocampus" / "testing.tif", key=40)[256:512, 384:640].astype(np.float32)
     assert packaged_input.shape == (1, 1, 256, 256) and np.array_equal(packaged_input[0, 0], tile)

@@ -95,7 +95,10 @@ def _documentation(ref: str, spec: dict, facts: dict, z: int, sample: str) -> st
              + (f" The network works at {spec['input_scale']:g} of the input resolution and returns the "
                 "probability at the input's." if float(spec.get("input_scale", 1.0)) != 1.0 else ""), "",
              "## Output", "", "Foreground probability, float32 in [0, 1], the size of the input. emseg's own "
-             "threshold and watershed (instances) and optional flip averaging are not part of the package.", "",
+             "threshold and watershed (instances), and the flip averaging (`tta`) and z-averaging of each "
+             "slice's probability with its neighbours' (`z_average`: weights 1/4, 1/2, 1/4) that were chosen "
+             "for this model on validation (below, where the registry records them), are not part of the "
+             "package.", "",
              "## Training", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()] or ["- (a weights file with no registry record)"]
     lines += ["", "# Validation", "",
@@ -109,7 +112,8 @@ def _facts(meta: dict) -> tuple[dict, str | None]:
     """What the registry knows of the version the weights came from (``meta`` of emseg.predict.load_model:
     its tags, description and run; empty for a weights file): scores, data; and the dataset to cite."""
     tags = meta.get("tags", {})
-    facts = {k: tags[k] for k in ("val_iou", "test_iou", "watershed_h", "val_data_hash") if k in tags}
+    facts = {k: tags[k] for k in ("val_iou", "test_iou", "watershed_h", "tta", "z_average", "val_data_hash")
+             if k in tags}
     if meta.get("description"):
         facts["description"] = meta["description"].replace("\n", " ")
     run_tags = {}
