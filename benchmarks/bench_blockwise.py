@@ -107,6 +107,14 @@ def em_volume(path: Path, depth: int) -> None:
         arr[z0:z0 + len(idx)] = tile[idx]
 
 
+TESTING_VOXELS = 82 * 768 * 1024  # EPFL testing.tif
+
+
+def predict_testing(net: Path, tmp: Path, out: str, extra: list[str]) -> dict:
+    """``emseg predict`` of EPFL testing.tif into ``tmp / out``, timed and its memory followed (tree_peak)."""
+    return tree_peak(["emseg", "predict", "--model", str(net), str(EPFL / "testing.tif"), str(tmp / out), *extra], tmp)
+
+
 def main() -> None:
     mode = sys.argv[1]
     tmp = Path(tempfile.mkdtemp(dir=os.environ.get("EMSEG_BENCH_TMP")))
@@ -128,16 +136,14 @@ def main() -> None:
         elif mode == "zaverage":
             net = model(tmp, 0.5, float(os.environ.get("EMSEG_BENCH_TRAIN_MIN", "4")))
             pairs = int(os.environ.get("EMSEG_BENCH_PAIRS", "2"))
-            n = 82 * 768 * 1024
             arms = {f"{path}_{z}": (extra, z) for path, extra in (
                 ("in_process", ["--format", "tiff"]), ("blockwise", ["--format", "ome-zarr", "--instances", "2d"]))
                 for z in ("off", "on")}
             rows = {a: [] for a in arms}
             for i in range(pairs):
                 for name, (extra, z) in arms.items():
-                    r = tree_peak(["emseg", "predict", "--model", str(net), str(EPFL / "testing.tif"),
-                                   str(tmp / f"{name}{i}"), *extra, "--z-average", z], tmp)
-                    rows[name].append({"voxels_per_s": n / r["seconds"], "seconds": r["seconds"],
+                    r = predict_testing(net, tmp, f"{name}{i}", [*extra, "--z-average", z])
+                    rows[name].append({"voxels_per_s": TESTING_VOXELS / r["seconds"], "seconds": r["seconds"],
                                        "peak_rss_mib": r["peak_rss_mib"]})
                     shutil.rmtree(tmp / f"{name}{i}")
                     print(name, r, flush=True)
@@ -151,15 +157,13 @@ def main() -> None:
         else:
             net = model(tmp, 0.5, float(os.environ.get("EMSEG_BENCH_TRAIN_MIN", "4")))
             pairs = int(os.environ.get("EMSEG_BENCH_PAIRS", "2"))
-            n = 82 * 768 * 1024
             rows: dict[str, list] = {"in_process": [], "blockwise": []}
             passes = []
             for i in range(pairs):
                 for name, extra in (("in_process", ["--format", "tiff"]),
                                     ("blockwise", ["--format", "ome-zarr", "--instances", "2d"])):
-                    r = tree_peak(["emseg", "predict", "--model", str(net), str(EPFL / "testing.tif"),
-                                   str(tmp / f"{name}{i}"), *extra], tmp)
-                    rows[name].append(n / r["seconds"])
+                    r = predict_testing(net, tmp, f"{name}{i}", extra)
+                    rows[name].append(TESTING_VOXELS / r["seconds"])
                     if name == "blockwise":  # where the time went, pass by pass
                         r["passes"] = json.loads((tmp / f"{name}{i}" / "summary.json").read_text())["seconds_per_pass"]
                         passes.append(r["passes"])

@@ -22,7 +22,7 @@ import torch
 from emseg.data.io import check_image_dtype, context_indices, inspect_stack, normalise, read_slices
 from emseg.errors import DataError, EmsegError, OutputError
 from emseg.fsutil import atomic_dir, atomic_file
-from emseg.inference import predict_slice
+from emseg.inference import Z_WEIGHTS, predict_slice
 from emseg.model import arch
 from emseg.model.network import ProbabilityModel, SegmentationNet, in_channels
 
@@ -84,6 +84,7 @@ def _cover(raw: np.ndarray, prob: np.ndarray, path: Path) -> None:
 
 def _documentation(ref: str, spec: dict, facts: dict, z: int, sample: str) -> str:
     k = in_channels(spec)
+    weights = ", ".join(f"{w:g}" for w in Z_WEIGHTS)
     lines = [f"# emseg model {ref}", "",
              f"A {spec['arch']} ({spec['encoder']} encoder) trained with emseg to segment foreground "
              "(mitochondria or membranes, as labelled) in electron-microscopy slices.", "",
@@ -96,7 +97,7 @@ def _documentation(ref: str, spec: dict, facts: dict, z: int, sample: str) -> st
                 "probability at the input's." if float(spec.get("input_scale", 1.0)) != 1.0 else ""), "",
              "## Output", "", "Foreground probability, float32 in [0, 1], the size of the input. emseg's own "
              "threshold and watershed (instances), and the flip averaging (`tta`) and z-averaging of each "
-             "slice's probability with its neighbours' (`z_average`: weights 1/4, 1/2, 1/4) that were chosen "
+             f"slice's probability with its neighbours' (`z_average`: weights {weights}) that were chosen "
              "for this model on validation (below, where the registry records them), are not part of the "
              "package.", "",
              "## Training", ""]
